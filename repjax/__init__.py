@@ -1,0 +1,3 @@
+"""repjax: re-parameterized vision models in JAX/Flax."""
+
+__version__ = "0.1.0"
