@@ -1,0 +1,83 @@
+"""`python -m repjax.eval --config <cfg> (--workdir <dir> | --config.init.path=<weights>) [--config...]`.
+
+Evaluates the latest checkpoint of a workdir, or imported weights, on `config.data.eval_split` of
+`config.data.source`: top-1/top-5/loss, parameter count, FLOPs (and MACs) and inference images/s,
+plus every evaluator listed in `config.evals`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from repjax import checkpoint, data, evals, optim, sharding
+from repjax.evals import classification, cost
+from repjax.step import init_state
+from repjax.train import _example_shape, _load_init, build_model
+
+
+def evaluate(config, *, workdir: str | None = None, throughput: bool = True) -> dict[str, Any]:
+    """Metrics of a trained (workdir) or imported (`config.init.path`) model on the eval split."""
+    mesh = sharding.make_mesh(config.mesh)
+    source = data.get_source(config.data.source, config.data.eval_split)
+    image_shape = _example_shape(source, config.data.eval_pp)
+    model = build_model(config, source.num_classes)
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
+    tx, _ = optim.build(config.optim, abstract_params, config.total_steps)
+    make_state = functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0)
+    abstract_state = jax.eval_shape(make_state)
+    state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
+    state = jax.jit(make_state, out_shardings=state_sharding)()
+    if workdir is not None:
+        ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints")
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+        restored = ckpt.restore(abstract)
+        if restored is None:
+            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints")
+        step, state, _ = restored
+        ckpt.close()
+    elif config.init.get("path"):
+        state, step = _load_init(config, state, state_sharding), 0
+    else:
+        raise ValueError("Nothing to evaluate: give --workdir or --config.init.path")
+
+    variables = state.variables(ema=config.ema_decay > 0)
+    result: dict[str, Any] = {"step": int(step), "split": config.data.eval_split, "examples": len(source)}
+    result.update(classification.evaluate(model, variables, source, batch_size=config.eval_batch_size,
+                                          pp=config.data.eval_pp, mesh=mesh))
+    result["params"] = cost.param_count(variables["params"])
+    result["flops"] = cost.inference_flops(model, variables, image_shape)
+    result["macs"] = result["flops"] / 2
+    if throughput:
+        result["images_per_s"] = cost.throughput(model, variables, image_shape)
+    for name, spec in config.evals.items():
+        spec = dict(spec)
+        metrics = evals.get(spec.pop("type"))(model, variables, config, mesh, **spec)
+        result.update({f"{name}/{k}": v for k, v in metrics.items()})
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from repjax import cli
+
+    config, args = cli.parse(sys.argv[1:] if argv is None else argv, need_workdir=False)
+    try:
+        result = evaluate(config, workdir=args.workdir)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    cli.print_summary(result)
+    if args.workdir and jax.process_index() == 0:
+        (pathlib.Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

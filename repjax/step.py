@@ -1,0 +1,113 @@
+"""Train state, loss, and the per-step functions that `train.py` jits with explicit shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a training run carries from step to step (and saves in checkpoints)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # None when EMA is off
+    rng: jax.Array  # raw uint32 key; per-step keys are folded from it
+
+    def variables(self, ema: bool = False) -> dict[str, Any]:
+        params = self.ema_params if ema and self.ema_params is not None else self.params
+        return {"params": params, "batch_stats": self.batch_stats}
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, sample: jax.Array, seed: int,
+               ema: bool) -> TrainState:
+    """Initial state; jit it with `out_shardings` to create parameters directly in place."""
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init({"params": init_key, "dropout": init_key}, sample, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+        rng=state_key,
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy; `labels` are class ids or (mixed) probability vectors."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the true class is among the top-k logits (ties broken towards lower class ids)."""
+    if labels.ndim > 1:
+        labels = jnp.argmax(labels, axis=-1)
+    true = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    # Rank = number of classes scoring strictly higher, or equal with a lower index.
+    ids = jnp.arange(logits.shape[-1])
+    higher = (logits > true) | ((logits == true) & (ids[None, :] < labels[:, None]))
+    return (jnp.sum(higher, axis=-1) < k).astype(jnp.float32)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
+    """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+                mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+            return loss, (logits, updated.get("batch_stats", {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        metrics = {
+            "loss": loss,
+            "top1": jnp.mean(topk_correct(logits, batch["label"], 1)),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+    """`(variables, batch) -> sums`: summed loss / top-1 / top-5 over the unmasked rows of a batch."""
+
+    def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = model.apply(variables, batch["image"], train=False)
+        mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32)).astype(jnp.float32)
+        k5 = min(5, logits.shape[-1])
+        return {
+            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+            "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+            "top5": jnp.sum(topk_correct(logits, batch["label"], k5) * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step

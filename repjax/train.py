@@ -1,0 +1,200 @@
+"""`python -m repjax.train --config configs/<name>.py[:arg] [--config.<key>=<value>] --workdir <dir>`.
+
+One function, read top to bottom: mesh -> input -> model & optimizer -> shard -> step -> restore -> loop.
+Re-running the same command resumes from the last checkpoint in `workdir` and ends with the same
+parameters as an uninterrupted run (the data position and RNG are part of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repjax import checkpoint, config as config_lib, data, evals, models, optim, sharding
+from repjax.evals import classification
+from repjax.metrics import MetricWriter, ProgressBar
+from repjax.step import TrainState, init_state, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+def _example_shape(source: Any, pp: str) -> tuple[int, ...]:
+    """Shape of one preprocessed image (what the model is initialised with)."""
+    image = data.augment.build(pp)(source[0]["image"], np.random.default_rng(0))
+    return tuple(np.shape(image))
+
+
+def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint"
+        raise NonFiniteLossError(f"Loss is {loss} at step {step}; stopping ({kept}).")
+
+
+def build_model(config, num_classes: int):
+    return models.create(config.model.name, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+                         **config.model.kwargs)
+
+
+def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the final metrics.
+
+    `stop_after` ends this invocation after that many steps with a checkpoint (time-sliced jobs, tests).
+    """
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = MetricWriter(workdir)
+    writer.write_hparams(config.to_dict())
+
+    # ---------------------------------------------------------------- Mesh
+    mesh = sharding.make_mesh(config.mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
+    if config.batch_size % (mesh.size) or config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
+
+    # ---------------------------------------------------------------- Input
+    train_source = data.get_source(config.data.source, config.data.train_split)
+    num_classes = train_source.num_classes
+    image_shape = _example_shape(train_source, config.data.train_pp)
+
+    # ---------------------------------------------------------------- Model & optimizer
+    model = build_model(config, num_classes)
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
+    tx, schedule = optim.build(config.optim, abstract_params, config.total_steps)
+    make_state = functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0)
+
+    # ---------------------------------------------------------------- Shard & initialise
+    abstract_state = jax.eval_shape(make_state)
+    state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
+    state = jax.jit(make_state, out_shardings=state_sharding)()
+    if config.init.get("path"):
+        state = _load_init(config, state, state_sharding)
+
+    # ---------------------------------------------------------------- Update step
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config.loss.label_smoothing, config.ema_decay),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # ---------------------------------------------------------------- Restore
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
+                                   save_every_steps=config.checkpoint_every_steps)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    restored = ckpt.restore(abstract_sharded)
+    start = 0
+    if restored is not None:
+        start, state, _ = restored
+        print(f"Resumed from step {start} in {workdir}", flush=True)
+
+    # ---------------------------------------------------------------- Loop
+    batches = data.pipeline.train_batches(
+        train_source, global_batch_size=config.batch_size, seed=config.seed, pp=config.data.train_pp,
+        process_index=jax.process_index(), process_count=jax.process_count(), start_step=start,
+        mixup_alpha=config.data.mixup_alpha, cutmix_alpha=config.data.cutmix_alpha,
+        num_classes=num_classes, num_threads=config.data.num_threads)
+    end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+    bar = ProgressBar(config.total_steps, initial_step=start, batch_size=config.batch_size)
+    last_saved = ckpt.latest_step()
+    pending: tuple[int, Any] | None = None  # last step's metrics, checked one step late (no pipeline stall)
+    window: list[dict[str, float]] = []
+    status = "finished"
+    with checkpoint.PreemptionGuard() as guard:
+        for step in range(start + 1, end + 1):
+            state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+            if pending is not None:
+                window.append(_host(pending[1]))
+                _check_finite(pending[0], window[-1], last_saved)
+            pending = (step, metrics)
+            is_save = step % config.checkpoint_every_steps == 0 or step == end
+            if step % config.log_every_steps == 0 or is_save:
+                window.append(_host(metrics))
+                pending = None
+                _check_finite(step, window[-1], last_saved)
+                mean = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                writer.write(step, {f"train/{k}": v for k, v in mean.items()})
+                bar.update(step, mean)
+                window = []
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != end:
+                writer.write(step, _evaluate(config, model, state, mesh, "eval"))
+            preempted = checkpoint.sync_flag(guard.requested)
+            if is_save or preempted:
+                if pending is not None:
+                    _check_finite(step, _host(pending[1]), last_saved)
+                if ckpt.save(step, state, {"data": batches.get_state()}, force=preempted or step == end):
+                    last_saved = step
+            if preempted:
+                status = "preempted"
+                break
+    bar.close()
+    ckpt.wait()
+    step = int(jax.device_get(state.step))
+
+    # ---------------------------------------------------------------- Final evaluation
+    result: dict[str, Any] = {"step": step, "status": status}
+    if step >= config.total_steps:
+        result.update(_evaluate(config, model, state, mesh, "test"))
+        for name, spec in config.evals.items():
+            spec = dict(spec)
+            fn = evals.get(spec.pop("type"))
+            metrics = fn(model, state.variables(ema=config.ema_decay > 0), config, mesh, **spec)
+            result.update({f"{name}/{k}": v for k, v in metrics.items()})
+        writer.write(step, {k: v for k, v in result.items() if isinstance(v, int | float)})
+    writer.close()
+    ckpt.close()
+    return result
+
+
+def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, float]:
+    source = data.get_source(config.data.source, config.data.eval_split)
+    out = {}
+    tags = [("", False)] + ([("ema_", True)] if config.ema_decay > 0 else [])
+    for tag, ema in tags:
+        metrics = classification.evaluate(model, state.variables(ema=ema), source,
+                                                batch_size=config.eval_batch_size, pp=config.data.eval_pp,
+                                                mesh=mesh)
+        out.update({f"{prefix}/{tag}{k}": v for k, v in metrics.items()})
+    return out
+
+
+def _load_init(config, state: TrainState, state_sharding: Any) -> TrainState:
+    """Replaces parameters and BN statistics by imported weights (`config.init.path`)."""
+    from repjax import io
+
+    variables = io.load_variables(config.init.path, config.model.name, config.init.get("format", "auto"))
+    params = jax.device_put(variables["params"], state_sharding.params)
+    batch_stats = jax.device_put(variables.get("batch_stats", {}), state_sharding.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from repjax import cli
+
+    config, args = cli.parse(sys.argv[1:] if argv is None else argv, need_workdir=True)
+    try:
+        result = train(config, args.workdir, stop_after=args.stop_after)
+    except (NonFiniteLossError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    cli.print_summary(result)
+
+
+if __name__ == "__main__":
+    main()
