@@ -130,7 +130,10 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                 window = []
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != end:
                 writer.write(step, _evaluate(config, model, state, mesh, "eval"))
-            preempted = checkpoint.sync_flag(guard.requested)
+            # Processes must agree on the step at which they stop: agree at log steps (a host barrier).
+            single = jax.process_count() == 1
+            preempted = guard.requested if single else (
+                step % config.log_every_steps == 0 and checkpoint.sync_flag(guard.requested))
             if is_save or preempted:
                 if pending is not None:
                     _check_finite(step, _host(pending[1]), last_saved)
