@@ -83,7 +83,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         ema = state.ema_params
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        # Non-finite loss or update: the new state is unusable (checked on the host, one step late).
+        finite = jnp.isfinite(loss)
+        for leaf in jax.tree.leaves(updates):  # elementwise: a norm would overflow on huge but finite values
+            finite &= jnp.all(jnp.isfinite(leaf))
         metrics = {
+            "finite": finite.astype(jnp.float32),
             "loss": loss,
             "top1": jnp.mean(topk_correct(logits, batch["label"], 1)),
             "grad_norm": optax.tree.norm(grads),

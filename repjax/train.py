@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repjax import checkpoint, config as config_lib, data, evals, models, optim, sharding
+from repjax.data import augment, pipeline
 from repjax.evals import classification
 from repjax.metrics import MetricWriter, ProgressBar
 from repjax.step import TrainState, init_state, make_train_step
@@ -29,15 +30,16 @@ class NonFiniteLossError(FloatingPointError):
 
 def _example_shape(source: Any, pp: str) -> tuple[int, ...]:
     """Shape of one preprocessed image (what the model is initialised with)."""
-    image = data.augment.build(pp)(source[0]["image"], np.random.default_rng(0))
+    image = augment.build(pp)(source[0]["image"], np.random.default_rng(0))
     return tuple(np.shape(image))
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> None:
     loss = float(metrics["loss"])
-    if not math.isfinite(loss):
+    if not (math.isfinite(loss) and metrics["finite"]):
         kept = f"the last good checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint"
-        raise NonFiniteLossError(f"Loss is {loss} at step {step}; stopping ({kept}).")
+        what = f"Loss is {loss}" if not math.isfinite(loss) else f"Loss is {loss} but the update is not finite"
+        raise NonFiniteLossError(f"{what} at step {step}; stopping ({kept}).")
 
 
 def build_model(config, num_classes: int):
@@ -101,7 +103,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
         print(f"Resumed from step {start} in {workdir}", flush=True)
 
     # ---------------------------------------------------------------- Loop
-    batches = data.pipeline.train_batches(
+    batches = pipeline.train_batches(
         train_source, global_batch_size=config.batch_size, seed=config.seed, pp=config.data.train_pp,
         process_index=jax.process_index(), process_count=jax.process_count(), start_step=start,
         mixup_alpha=config.data.mixup_alpha, cutmix_alpha=config.data.cutmix_alpha,
@@ -109,41 +111,38 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
     bar = ProgressBar(config.total_steps, initial_step=start, batch_size=config.batch_size)
     last_saved = ckpt.latest_step()
-    pending: tuple[int, Any] | None = None  # last step's metrics, checked one step late (no pipeline stall)
-    window: list[dict[str, float]] = []
+    pending: tuple[int, Any] | None = None  # this step's metrics, fetched after the next step is dispatched
+    window: list[dict[str, float]] = []  # host metrics since the last log line
     status = "finished"
-    with checkpoint.PreemptionGuard() as guard:
-        for step in range(start + 1, end + 1):
-            state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
-            if pending is not None:
-                window.append(_host(pending[1]))
-                _check_finite(pending[0], window[-1], last_saved)
-            pending = (step, metrics)
-            is_save = step % config.checkpoint_every_steps == 0 or step == end
-            if step % config.log_every_steps == 0 or is_save:
-                window.append(_host(metrics))
-                pending = None
-                _check_finite(step, window[-1], last_saved)
-                mean = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
-                writer.write(step, {f"train/{k}": v for k, v in mean.items()})
-                bar.update(step, mean)
-                window = []
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != end:
-                writer.write(step, _evaluate(config, model, state, mesh, "eval"))
-            # Processes must agree on the step at which they stop: agree at log steps (a host barrier).
-            single = jax.process_count() == 1
-            preempted = guard.requested if single else (
-                step % config.log_every_steps == 0 and checkpoint.sync_flag(guard.requested))
-            if is_save or preempted:
-                if pending is not None:
-                    _check_finite(step, _host(pending[1]), last_saved)
-                if ckpt.save(step, state, {"data": batches.get_state()}, force=preempted or step == end):
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            for step in range(start + 1, end + 1):
+                state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+                if pending is not None:  # the device is busy with `step`: check the previous one now
+                    window.append(_checked(*pending, last_saved))
+                pending = (step, metrics)
+                # Processes must agree on the step at which they stop: they agree at log steps.
+                preempted = guard.requested if jax.process_count() == 1 else (
+                    step % config.log_every_steps == 0 and checkpoint.sync_flag(guard.requested))
+                is_save = ckpt.should_save(step, force=step == end or preempted)
+                if step % config.log_every_steps == 0 or is_save:
+                    window.append(_checked(*pending, last_saved))
+                    pending = None
+                    mean = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+                    writer.write(step, {f"train/{k}": v for k, v in mean.items()})
+                    bar.update(step, mean)
+                    window = []
+                if config.eval_every_steps and step % config.eval_every_steps == 0 and step != end:
+                    writer.write(step, _evaluate(config, model, state, mesh, "eval"))
+                if is_save and ckpt.save(step, state, {"data": batches.get_state()}, force=True):
                     last_saved = step
-            if preempted:
-                status = "preempted"
-                break
-    bar.close()
-    ckpt.wait()
+                if preempted:
+                    status = "preempted"
+                    print(f"Preempted: saved step {step} in {workdir}; rerun the command to resume.", flush=True)
+                    break
+    finally:
+        bar.close()
+        ckpt.wait()  # a pending asynchronous save of the last good state completes even on error
     step = int(jax.device_get(state.step))
 
     # ---------------------------------------------------------------- Final evaluation
@@ -161,8 +160,12 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     return result
 
 
-def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _checked(step: int, metrics: dict[str, jax.Array], last_saved: int | None) -> dict[str, float]:
+    """Host copy of a step's metrics; raises NonFiniteLossError if the step went non-finite."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, host, last_saved)
+    del host["finite"]
+    return host
 
 
 def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, float]:

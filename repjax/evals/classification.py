@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from repjax import data, sharding
+from repjax.data import pipeline
 from repjax.evals import EVALUATORS
 from repjax.step import make_eval_step
 
@@ -18,8 +19,9 @@ def evaluate(model: nn.Module, variables: dict[str, Any], source: Any, *, batch_
              mesh: Mesh) -> dict[str, float]:
     """Exact metrics over every example of `source` (the last batch is padded and masked)."""
     step = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+    batch_size = -(-batch_size // mesh.size) * mesh.size  # round up: padded rows are masked out
     totals: dict[str, float] = {}
-    batches = data.pipeline.eval_batches(source, global_batch_size=batch_size, pp=pp,
+    batches = pipeline.eval_batches(source, global_batch_size=batch_size, pp=pp,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count())
     for local in batches:

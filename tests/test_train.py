@@ -1,0 +1,109 @@
+"""End-to-end training on the real (tiny) digits data: resume equality, preemption, NaN stop."""
+
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from repjax import checkpoint, config as config_lib, train as train_lib
+from repjax.metrics import read_metrics
+
+
+def _config(**overrides):
+    c = config_lib.defaults()
+    c.total_steps = 12
+    c.batch_size = 32
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 4
+    c.eval_batch_size = 100
+    c.data.train_pp = "pad_crop(1)|normalize(digits)"  # randomness in the data path must resume too
+    c.ema_decay = 0.9
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _final_params(workdir, config):
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    step = ckpt.latest_step()
+    state = ckpt.restore(_abstract(config))[1]
+    ckpt.close()
+    return step, state
+
+
+def _abstract(config):
+    # A throwaway state built the way train() builds it, used only for its structure.
+    import functools
+
+    import jax.numpy as jnp
+
+    from repjax import models, optim
+    from repjax.step import init_state
+
+    model = models.create(config.model.name, num_classes=10)
+    sample = jnp.zeros((1, 8, 8, 1))
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
+    tx, _ = optim.build(config.optim, params, config.total_steps)
+    return jax.eval_shape(functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0))
+
+
+def _assert_same_state(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = _config()
+    full = train_lib.train(config, tmp_path / "full")
+    part = train_lib.train(config, tmp_path / "split", stop_after=5)
+    assert part["status"] == "finished" and part["step"] == 5
+    resumed = train_lib.train(config, tmp_path / "split")
+    assert resumed["step"] == full["step"] == 12
+    _assert_same_state(_final_params(tmp_path / "full", config)[1], _final_params(tmp_path / "split", config)[1])
+    assert resumed["test/top1"] == full["test/top1"]
+    # Metrics of the resumed run continue where the first part stopped.
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "train/loss" in r]
+    assert steps == [2, 4, 5, 6, 8, 10, 12]
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    config = _config(total_steps=400, log_every_steps=1, checkpoint_every_steps=1000)
+    workdir = tmp_path / "run"
+
+    def preempt():  # SIGTERM as soon as the first metrics line exists
+        deadline = time.time() + 120
+        while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+            time.sleep(0.01)
+        while time.time() < deadline and "train/loss" not in (workdir / "metrics.jsonl").read_text():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    first = train_lib.train(config, workdir)
+    assert first["status"] == "preempted" and 0 < first["step"] < 400
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == first["step"]
+    second = train_lib.train(config, workdir)
+    assert second["step"] == 400
+    train_lib.train(config, tmp_path / "full")
+    _assert_same_state(_final_params(workdir, config)[1], _final_params(tmp_path / "full", config)[1])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _config(checkpoint_every_steps=1, log_every_steps=5, ema_decay=0.0)
+    config.optim.lr = 1e30  # parameters explode after the first update
+    config.optim.schedule = "constant"
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step (\d+)") as err:
+        train_lib.train(config, tmp_path)
+    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    step, state = _final_params(tmp_path, config)
+    assert step == bad_step - 1
+    assert f"last good checkpoint is step {step}" in str(err.value)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
