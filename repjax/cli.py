@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 from typing import Any
 
 import ml_collections as mlc
@@ -53,9 +52,7 @@ def apply_override(config: mlc.ConfigDict, dotted: str, text: str) -> None:
 
 
 def _unknown(path: str, config: mlc.ConfigDict) -> str:
-    known = list(config_lib._flatten(config))
-    close = difflib.get_close_matches(path, known, n=1)
-    return f"unknown config key {path!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"unknown config key {path!r}" + config_lib.suggest(path, list(config_lib.flatten(config)))
 
 
 def parse(argv: list[str], *, need_workdir: bool) -> tuple[mlc.ConfigDict, argparse.Namespace]:

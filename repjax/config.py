@@ -76,12 +76,25 @@ def defaults() -> mlc.ConfigDict:
     return c
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+# Common names from other codebases -> ours, for "did you mean" hints.
+ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "steps": "total_steps", "num_steps": "total_steps",
+           "bs": "batch_size", "global_batch_size": "batch_size", "model_name": "name"}
+
+
+def suggest(path: str, known: list[str]) -> str:
+    """` (did you mean 'x'?)` for an unknown dotted key, or an empty string."""
+    parent, _, leaf = path.rpartition(".")
+    alias = ".".join(filter(None, (parent, ALIASES.get(leaf, ""))))
+    close = [alias] if alias in known else difflib.get_close_matches(path, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         if isinstance(value, mlc.ConfigDict | dict) and path not in FREE_FORM:
-            out.update(_flatten(value, path + "."))
+            out.update(flatten(value, path + "."))
         else:
             out[path] = value
     return out
@@ -89,14 +102,13 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def validate(config: mlc.ConfigDict) -> None:
     """Raises ValueError on keys the schema does not know and on wrongly typed values."""
-    known = _flatten(defaults())
+    known = flatten(defaults())
     errors = []
-    for path, value in _flatten(config).items():
+    for path, value in flatten(config).items():
         if path not in known:
             if any(path.startswith(f + ".") for f in FREE_FORM):
                 continue
-            close = difflib.get_close_matches(path, known, n=1)
-            errors.append(f"unknown key {path!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            errors.append(f"unknown key {path!r}" + suggest(path, list(known)))
             continue
         default = known[path]
         if default is None or value is None:
