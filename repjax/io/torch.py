@@ -1,0 +1,202 @@
+"""PyTorch state_dict <-> Flax variables, driven by explicit per-key rules (pure numpy).
+
+A `Rule` maps one PyTorch key to one Flax leaf path, whose first element is the collection
+(`('params', 'stem', 'conv', 'kernel')`, `('batch_stats', 'stem', 'bn', 'mean')`), with a converter each way.
+`conv`, `bn` and `linear` build the rules of a whole layer. `from_torch_state_dict` is strict: every PyTorch key
+is used or explicitly ignored, every Flax leaf of the target is filled, and shapes must equal the target's
+(`jax.eval_shape(model.init, ...)`); all problems are reported together in one `WeightImportError`.
+
+Layouts: conv OIHW -> HWIO. Grouped and depthwise convs need no regrouping: PyTorch stores (O, I/g, H, W) and
+Flax (H, W, I/g, O), so the same transpose applies. Linear (out, in) -> (in, out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+Converter = Callable[[np.ndarray], np.ndarray]
+Path = tuple[str, ...]
+
+# PyTorch-only bookkeeping that has no Flax counterpart.
+DEFAULT_IGNORE = ("num_batches_tracked", "*.num_batches_tracked")
+
+
+class WeightImportError(ValueError):
+    """A state_dict does not match the rules or the target variables."""
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """PyTorch conv weight OIHW (O, I/groups, H, W) -> Flax HWIO (H, W, I/groups, O)."""
+    if w.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D OIHW, got shape {w.shape}")
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def conv_kernel_to_torch(k: np.ndarray) -> np.ndarray:
+    """Flax HWIO -> PyTorch OIHW (inverse of `conv_kernel`)."""
+    if k.ndim != 4:
+        raise ValueError(f"conv kernel must be 4-D HWIO, got shape {k.shape}")
+    return np.transpose(k, (3, 2, 0, 1))
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+    """PyTorch linear weight (out, in) -> Flax Dense kernel (in, out); also its own inverse."""
+    if w.ndim != 2:
+        raise ValueError(f"linear weight must be 2-D, got shape {w.shape}")
+    return w.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One PyTorch key <-> one Flax leaf (path starts with the collection name)."""
+
+    torch_key: str
+    flax_path: Path
+    to_flax: Converter = _identity
+    to_torch: Converter = _identity
+
+
+def conv(prefix: str, path: Path, bias: bool = False) -> list[Rule]:
+    """Rules for `nn.Conv2d` at `prefix` -> Flax `nn.Conv` at params/`path`."""
+    weight = Rule(f"{prefix}.weight", ("params", *path, "kernel"), conv_kernel, conv_kernel_to_torch)
+    return [weight, Rule(f"{prefix}.bias", ("params", *path, "bias"))] if bias else [weight]
+
+
+def linear(prefix: str, path: Path, bias: bool = True) -> list[Rule]:
+    """Rules for `nn.Linear` at `prefix` -> Flax `nn.Dense` at params/`path`."""
+    weight = Rule(f"{prefix}.weight", ("params", *path, "kernel"), linear_kernel, linear_kernel)
+    return [weight, Rule(f"{prefix}.bias", ("params", *path, "bias"))] if bias else [weight]
+
+
+def bn(prefix: str, path: Path) -> list[Rule]:
+    """Rules for `nn.BatchNorm2d` at `prefix` -> Flax `nn.BatchNorm` at `path` (num_batches_tracked ignored)."""
+    return [
+        Rule(f"{prefix}.weight", ("params", *path, "scale")),
+        Rule(f"{prefix}.bias", ("params", *path, "bias")),
+        Rule(f"{prefix}.running_mean", ("batch_stats", *path, "mean")),
+        Rule(f"{prefix}.running_var", ("batch_stats", *path, "var")),
+    ]
+
+
+def _listing(title: str, items: Sequence[str], limit: int = 25) -> str:
+    shown = "\n".join(f"    {s}" for s in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
+    problems = [(t, items) for t, items in problems if items]
+    if problems:
+        raise WeightImportError(f"{what} failed:\n" + "\n".join(_listing(t, items) for t, items in problems))
+
+
+def _check_rules(rules: Sequence[Rule]) -> None:
+    def dupes(xs: Iterable[Any]) -> list[str]:
+        seen: set = set()
+        return sorted({str(x) for x in xs if x in seen or seen.add(x)})
+
+    _raise_if([("duplicate torch keys in rules", dupes(r.torch_key for r in rules)),
+               ("duplicate flax paths in rules", dupes(r.flax_path for r in rules))], "rule check")
+
+
+def _name(path: Path) -> str:
+    return "/".join(path)
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule], target: Mapping,
+                          ignore: Sequence[str] = DEFAULT_IGNORE) -> dict:
+    """Builds nested Flax variables from `state_dict` following `rules`, strictly checked against `target`.
+
+    Args:
+      state_dict: PyTorch key -> array (numpy, or anything `np.asarray` accepts).
+      rules: one `Rule` per Flax leaf.
+      target: the variables the result must match (leaves with .shape/.dtype, e.g. from `jax.eval_shape`).
+      ignore: fnmatch patterns of PyTorch keys that are deliberately dropped.
+    Returns:
+      Nested dict {collection: {...}} of numpy arrays with the target's shapes and dtypes.
+    """
+    _check_rules(rules)
+    leaves = traverse_util.flatten_dict(dict(target))
+    by_key = {r.torch_key: r for r in rules}
+    missing = [r.torch_key for r in rules if r.torch_key not in state_dict]
+    unexpected = [k for k in state_dict if k not in by_key and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
+    unknown = [f"{r.torch_key} -> {_name(r.flax_path)}" for r in rules if r.flax_path not in leaves]
+    covered = {r.flax_path for r in rules}
+    unfilled = [_name(p) for p in leaves if p not in covered]
+    flat, mismatched = {}, []
+    for r in rules:
+        if r.torch_key not in state_dict or r.flax_path not in leaves:
+            continue
+        want = leaves[r.flax_path]
+        source = np.asarray(state_dict[r.torch_key])
+        try:
+            value = np.asarray(r.to_flax(source))
+        except ValueError as e:
+            value, err = None, str(e)
+        if value is None or value.shape != tuple(want.shape):
+            got = f"converted {value.shape}" if value is not None else err
+            mismatched.append(f"{r.torch_key} {source.shape} -> {_name(r.flax_path)}: {got}, expected {want.shape}")
+            continue
+        flat[r.flax_path] = value.astype(want.dtype)
+    _raise_if([("missing torch keys", missing), ("unexpected torch keys", unexpected),
+               ("rules pointing to no flax leaf", unknown), ("flax leaves not filled", unfilled),
+               ("shape mismatches", mismatched)], "PyTorch -> Flax import")
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_torch_state_dict(variables: Mapping, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
+    """Inverse of `from_torch_state_dict`: Flax variables -> PyTorch key -> numpy array (strict)."""
+    _check_rules(rules)
+    leaves = traverse_util.flatten_dict(dict(variables))
+    covered = {r.flax_path for r in rules}
+    _raise_if([("rules pointing to no flax leaf", [_name(r.flax_path) for r in rules if r.flax_path not in leaves]),
+               ("flax leaves without a rule", [_name(p) for p in leaves if p not in covered])],
+              "Flax -> PyTorch export")
+    return {r.torch_key: np.ascontiguousarray(r.to_torch(np.asarray(leaves[r.flax_path]))) for r in rules}
+
+
+def _unwrap(obj: Any) -> Mapping[str, Any]:
+    """Finds the state_dict in a checkpoint ({'state_dict': ...} / {'model': ...}) and drops 'module.'."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a state_dict as numpy arrays from `.npz`, or `.pth`/`.pt`/`.th` (needs torch, imported lazily)."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    if not path.endswith((".pth", ".pt", ".th")):
+        raise ValueError(f"unknown state_dict format {path!r}: expected .npz, .pth, .pt or .th")
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {path!r} needs PyTorch (pip install 'repjax[torch]'), "
+                          "or convert it to .npz with numpy first") from e
+    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    out = {}
+    for k, v in sd.items():
+        v = v.detach()
+        out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+    return out
+
+
+def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Writes a numpy state_dict to `.npz` (the format `load_state_dict` reads without torch)."""
+    np.savez(path, **{k: np.asarray(v) for k, v in state_dict.items()})
