@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax.io import torch as tio
+from repjax.io import IMPORTERS, torch as tio
 from repjax.models import MODELS
 from repjax.nn.layers import ConvBN, Dtype, he_normal
 
@@ -146,6 +146,10 @@ def from_torch(state_dict: Mapping[str, np.ndarray], depth: int | None = None) -
     model = ResNetCifar(**cfg)
     target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     return tio.from_torch_state_dict(state_dict, torch_rules(cfg["depth"]), target)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    IMPORTERS.register(f"resnet{_depth}", lambda sd, d=_depth: from_torch(sd, d))
 
 
 def to_torch(variables: Mapping, depth: int) -> dict[str, np.ndarray]:
