@@ -128,9 +128,9 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3) and math.isfinite(value):
+        if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3) and math.isfinite(value):
             return f"{value:.3e}"
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1e3 else f"{value:.4g}"
     return str(value)
 
 

@@ -11,6 +11,7 @@ import functools
 import math
 import pathlib
 import sys
+import time
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from repjax import checkpoint, config as config_lib, data, evals, models, optim, sharding
 from repjax.data import augment, pipeline
-from repjax.evals import classification
+from repjax.evals import classification, cost
 from repjax.metrics import MetricWriter, ProgressBar
 from repjax.step import TrainState, init_state, make_train_step
 
@@ -114,6 +115,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     pending: tuple[int, Any] | None = None  # this step's metrics, fetched after the next step is dispatched
     window: list[dict[str, float]] = []  # host metrics since the last log line
     status = "finished"
+    started = time.perf_counter()
     try:
         with checkpoint.PreemptionGuard() as guard:
             for step in range(start + 1, end + 1):
@@ -144,9 +146,12 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
         bar.close()
         ckpt.wait()  # a pending asynchronous save of the last good state completes even on error
     step = int(jax.device_get(state.step))
+    seconds = time.perf_counter() - started
 
     # ---------------------------------------------------------------- Final evaluation
-    result: dict[str, Any] = {"step": step, "status": status}
+    result: dict[str, Any] = {"step": step, "status": status, "params": cost.param_count(state.params),
+                              "train_seconds": seconds,
+                              "train_img_s": (step - start) * config.batch_size / max(seconds, 1e-9)}
     if step >= config.total_steps:
         result.update(_evaluate(config, model, state, mesh, "test"))
         for name, spec in config.evals.items():
