@@ -22,7 +22,7 @@ def defaults() -> mlc.ConfigDict:
     """The default experiment: a small CNN on sklearn's 8x8 digits (ships with scikit-learn)."""
     c = mlc.ConfigDict()
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 1500
     c.batch_size = 128  # global batch, split over processes and devices
     c.eval_batch_size = 512
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -33,7 +33,7 @@ def defaults() -> mlc.ConfigDict:
     c.data.source = "digits"  # digits | folder:<path> | cifar10:<path> | tfds:<name>[@dir] | synthetic[:...]
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    c.data.train_pp = "normalize(digits)"
+    c.data.train_pp = "pad_crop(1)|normalize(digits)"
     c.data.eval_pp = "normalize(digits)"
     c.data.mixup_alpha = 0.0
     c.data.cutmix_alpha = 0.0
