@@ -114,7 +114,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     last_saved = ckpt.latest_step()
     pending: tuple[int, Any] | None = None  # this step's metrics, fetched after the next step is dispatched
     window: list[dict[str, float]] = []  # host metrics since the last log line
-    status = "finished"
+    status = "finished" if end == config.total_steps else "stopped"  # stopped: --stop_after reached
     started = time.perf_counter()
     try:
         with checkpoint.PreemptionGuard() as guard:

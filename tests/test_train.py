@@ -64,7 +64,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     config = _config()
     full = train_lib.train(config, tmp_path / "full")
     part = train_lib.train(config, tmp_path / "split", stop_after=5)
-    assert part["status"] == "finished" and part["step"] == 5
+    assert part["status"] == "stopped" and part["step"] == 5
     resumed = train_lib.train(config, tmp_path / "split")
     assert resumed["step"] == full["step"] == 12
     _assert_same_state(_final_params(tmp_path / "full", config)[1], _final_params(tmp_path / "split", config)[1])
