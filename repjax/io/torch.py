@@ -177,7 +177,8 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a state_dict as numpy arrays from `.npz`, or `.pth`/`.pt`/`.th` (needs torch, imported lazily)."""
+    """Loads a state_dict as numpy arrays from `.npz`, or `.pth`/`.pt`/`.th` (with torch when installed, else
+    with the torch-free `repjax.io.torch_zip` reader for zip-format files)."""
     path = os.fspath(path)
     if path.endswith(".npz"):
         with np.load(path) as f:
@@ -187,7 +188,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading {path!r} needs PyTorch (pip install 'repjax[torch]'), "
+        import zipfile
+
+        if zipfile.is_zipfile(path):  # torch >= 1.6 format: the safe pure-numpy reader needs no torch
+            from repjax.io import torch_zip
+
+            return torch_zip.load_state_dict(path, upcast_bfloat16=True)
+        raise ImportError(f"reading the legacy-format {path!r} needs PyTorch (pip install 'repjax[torch]'), "
                           "or convert it to .npz with numpy first") from e
     sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     out = {}
