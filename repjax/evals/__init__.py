@@ -12,7 +12,7 @@ from repjax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
 
-_EVAL_MODULES = ("classification", "cost")
+_EVAL_MODULES = ("classification", "cost", "quantization")
 
 
 def get(name: str):

@@ -1,0 +1,27 @@
+"""Simulated int8 post-training quantization (fake-quant) for any Flax Linen model; see `ptq` and `fake_quant`.
+The evaluator `int8_ptq` (`repjax.evals.quantization`) runs it over a data split."""
+
+from repjax.quant.fake_quant import (
+    ActQParams,
+    act_qparams,
+    fake_quant_act,
+    fake_quant_weight,
+    quantize_weight,
+    weight_scales,
+)
+from repjax.quant.ptq import LAYERS, Ranges, calibrate, layer_paths, quantize_weights, quantized_apply
+
+__all__ = [
+    "LAYERS",
+    "ActQParams",
+    "Ranges",
+    "act_qparams",
+    "calibrate",
+    "fake_quant_act",
+    "fake_quant_weight",
+    "layer_paths",
+    "quantize_weight",
+    "quantize_weights",
+    "quantized_apply",
+    "weight_scales",
+]
