@@ -111,3 +111,17 @@ def test_prefix_shape_and_length_errors(tmp_path):
         load_repopt_scales(_npz(tmp_path, bad))
     with pytest.raises(ScaleFileError, match="unknown scale file format"):
         load_repopt_scales(tmp_path / "scales.json")
+
+
+def test_reads_npz_with_block_slash_letter_keys(tmp_path):
+    """The `<block>/<s|t|d>` layout of `repjax.optim.repopt.save_scales` reads the same."""
+    blocks = _layout((2, 1, 1, 1))
+    state = _official(blocks)
+    letters = {"conv": "s", "1x1": "t", "identity": "d"}
+    flax_keys = {}
+    for name, (prefix, _, _) in blocks.items():
+        for key, letter in letters.items():
+            if f"{prefix}.scale_{key}.weight" in state:
+                flax_keys[f"{name}/{letter}"] = state[f"{prefix}.scale_{key}.weight"].reshape(-1)
+    expected = {name: identity for name, (_, _, identity) in blocks.items()}
+    _check(load_repopt_scales(_npz(tmp_path, flax_keys), expected), blocks, state)

@@ -20,6 +20,7 @@ from repjax.io import torch_zip
 Scales = dict[str, dict[str, np.ndarray]]
 
 _KEY = re.compile(r"^(stage\d+)(?:\.(\d+))?\.scale_(conv|1x1|identity)\.weight$")
+_FLAX_KEY = re.compile(r"^(stage\d+(?:_\d+)?)/([std])$")  # `repjax.optim.repopt.save_scales` layout
 _LETTER = {"conv": "s", "1x1": "t", "identity": "d"}
 _SUFFIX = {v: k for k, v in _LETTER.items()}
 
@@ -46,7 +47,12 @@ def _order(name: str) -> tuple[int, int]:
 def _read(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".npz"):
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            raw = {k: f[k] for k in f.files}
+        renamed = {}
+        for k, v in raw.items():
+            m = _FLAX_KEY.match(k)
+            renamed[f"{torch_prefix(m.group(1))}.scale_{_SUFFIX[m.group(2)]}.weight" if m else k] = v
+        return renamed
     if path.endswith((".pth", ".pt")):
         return torch_zip.load_state_dict(path, upcast_bfloat16=True)
     raise ScaleFileError(f"unknown scale file format {path!r}: expected .pth/.pt or .npz")
@@ -70,8 +76,8 @@ def load_repopt_scales(path: str | os.PathLike, block_names: Mapping[str, bool] 
     """Reads `{block: {'s': (C,), 't': (C,), 'd': (C,) if the block has an identity}}` (float32, block order).
 
     Args:
-      path: a released `.pth` (read without torch and without executing pickle code) or an `.npz` written by
-        `save_repopt_scales`.
+      path: a released `.pth` (read without torch and without executing pickle code), or an `.npz` with the
+        official keys (`save_repopt_scales`) or with `<block>/<s|t|d>` keys (`repjax.optim.repopt.save_scales`).
       block_names: the expected blocks; a mapping name -> has_identity also checks where `d` must appear.
         Without it, every block found must have s and t.
       ignore_other_keys: skip keys that are not scales (reading a whole Hyper-Search checkpoint) instead of
