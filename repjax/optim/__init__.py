@@ -5,6 +5,7 @@
 `TRANSFORMS` holds gradient transforms that rules can name; a factory has the signature
 `fn(params, cfg, **kwargs) -> optax.GradientTransformation` and sees the whole parameter tree (to build
 per-parameter constants); inside a group it receives updates where other groups' leaves are masked out.
+Importing this package registers the transforms of `repjax.optim.repopt` (RepOptimizers' Grad Mult).
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any
 import jax
 import optax
 
-from repjax.optim.optimizers import OPTIMIZERS
+from repjax.optim import repopt  # noqa: F401  (registers its transforms)
+from repjax.optim.optimizers import OPTIMIZERS, TRANSFORMS
 from repjax.optim.rules import check_rules, group_labels, trainable_mask
 from repjax.optim.schedules import make_schedule
-from repjax.registry import Registry
-
-TRANSFORMS = Registry("gradient transform")
 
 __all__ = ["OPTIMIZERS", "TRANSFORMS", "build", "group_labels", "make_schedule", "trainable_mask"]
 
@@ -29,9 +28,15 @@ def _group(cfg, params: Any, spec: dict, schedule: optax.Schedule) -> optax.Grad
         return optax.set_to_zero()
     mult = float(spec.get("lr_mult", 1.0))
     lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
-    pre = [TRANSFORMS.get(name)(params, cfg, **dict(kwargs)) for name, kwargs in spec.get("transforms", ())]
-    base = OPTIMIZERS.get(cfg.name)(cfg, lr, float(spec.get("weight_decay", cfg.weight_decay)))
+    pre = _transforms(cfg, params, spec.get("transforms", ()))
+    post = _transforms(cfg, params, spec.get("post_transforms", ()))
+    factory, wd = OPTIMIZERS.get(cfg.name), float(spec.get("weight_decay", cfg.weight_decay))
+    base = factory(cfg, lr, wd, post=post) if post else factory(cfg, lr, wd)
     return optax.chain(*pre, base)
+
+
+def _transforms(cfg, params: Any, names: Any) -> list[optax.GradientTransformation]:
+    return [TRANSFORMS.get(name)(params, cfg, **dict(kwargs)) for name, kwargs in names]
 
 
 def build(cfg, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -7,7 +7,9 @@ relative to `params`) decides its group, unmatched parameters form the `default`
 - `lr_mult=x`: the group's learning rate is `x` times the schedule;
 - `weight_decay=x`: the group's decay, replacing `optim.weight_decay`;
 - `transforms=[(name, kwargs), ...]`: registered gradient transforms applied to the group's gradients
-  before the base optimizer (RepOpt gradient multipliers, gradient sparsity, ...).
+  before the base optimizer (RepOpt gradient multipliers, gradient sparsity, ...);
+- `post_transforms=[(name, kwargs), ...]`: registered transforms applied to the base optimizer's update
+  direction (after momentum / Adam moments), before decoupled weight decay and the learning rate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 
 from repjax.sharding import path_str
 
-RULE_KEYS = frozenset({"frozen", "lr_mult", "weight_decay", "transforms"})
+RULE_KEYS = frozenset({"frozen", "lr_mult", "weight_decay", "transforms", "post_transforms"})
 
 
 def check_rules(rules: Sequence[tuple[str, dict]]) -> None:

@@ -1,0 +1,16 @@
+"""RepOpt-VGG-L2 on ImageNet with RepOpt-SGD: `configs/repopt_vgg_imagenet.py` with variant=l2.
+
+  python -m repjax.train --config configs/repopt_vgg_l2.py:scales=<scales.npz>,data=folder:<imagenet path> \
+    --workdir runs/repopt_vgg_l2
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config(arg=None):
+    path = pathlib.Path(__file__).with_name("repopt_vgg_imagenet.py")
+    spec = importlib.util.spec_from_file_location("repopt_vgg_imagenet", path)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    return base.get_config(",".join(filter(None, ["variant=l2", arg])))
