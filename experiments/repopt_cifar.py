@@ -30,7 +30,6 @@ import numpy as np
 from repjax import config as config_lib, data, models, optim, sharding
 from repjax.evals import classification, quantization
 from repjax.models import repopt_vgg, repvgg
-from repjax.nn.reparam import fuse_conv_bn
 from repjax.optim.repopt import NO_DECAY, save_scales
 from repjax.step import init_state, make_train_step
 from repjax.train import train
@@ -58,20 +57,6 @@ def _config(mode: str, steps: int, batch: int, scales: str = "") -> Any:
         c.optim.rules = [(NO_DECAY + r"|(^|/)rbr_identity/", {"weight_decay": 0.0})]
         c.optim.clip_norm = 0.0  # as the RepOpt target run
     return c
-
-
-def repopt_to_deploy(variables: dict[str, Any]) -> dict[str, Any]:
-    """RepOpt-VGG target (conv3x3 -> BN) -> RepVGG deploy params (`rbr_reparam` conv with bias)."""
-    params, stats = variables["params"], variables["batch_stats"]
-    out = {"linear": params["linear"]}
-    for name, block in params.items():
-        if name == "linear":
-            continue
-        bn = block["bn"]
-        kernel, bias = fuse_conv_bn(block["conv"]["kernel"], None, bn["scale"], bn["bias"],
-                                    stats[name]["bn"]["mean"], stats[name]["bn"]["var"])
-        out[name] = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
-    return {"params": out}
 
 
 def _restore(config, workdir: pathlib.Path) -> dict[str, Any]:
@@ -194,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {name: train(cfg, workdirs[name]) for name, cfg in configs.items()}
 
     # Deploy forms: one architecture for both.
-    deploy = {"repopt": repopt_to_deploy(_restore(configs["repopt"], workdirs["repopt"])),
+    deploy = {"repopt": repopt_vgg.to_deploy(_restore(configs["repopt"], workdirs["repopt"])),
               "repvgg": repvgg.reparameterize(_restore(configs["repvgg"], workdirs["repvgg"]))}
     mesh = sharding.make_mesh([("data", -1)])
     test = data.get_source(f"folder:{CIFAR}", "test")

@@ -440,3 +440,29 @@ def test_scales_from_checkpoint_and_cli(tmp_path):
             np.testing.assert_array_equal(loaded[name][k], v)
     with pytest.raises(FileNotFoundError):
         rv.scales_from_checkpoint(tmp_path / "nothing")
+
+
+def test_target_to_deploy_equals_target_in_eval_mode():
+    """RepOpt-VGG target (conv -> BN, randomized eval statistics) fused into the RepVGG deploy layout gives the
+    same logits through `RepVGG(deploy=True)` with the same architecture (float32, rtol 1e-5 of the logit scale)."""
+    arch = dict(num_blocks=(2, 1), widths=(8, 8, 16), strides=(1, 1, 2), num_classes=10)
+    target = models.create("repopt_vgg_tiny", mode="target", **arch)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+    variables = target.init(jax.random.PRNGKey(0), x, train=False)
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 100))
+
+    def randomize(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("var"):
+            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=2.0)
+        if name.endswith(("mean", "bn/bias")):
+            return jax.random.normal(next(keys), leaf.shape) * 0.3
+        if name.endswith("bn/scale"):
+            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
+        return leaf
+
+    variables = jax.tree_util.tree_map_with_path(randomize, variables)
+    deploy = models.create("repvgg_tiny", deploy=True, groups_map=(), **arch)
+    want = target.apply(variables, x, train=False)
+    got = deploy.apply(rv.to_deploy(variables), x, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

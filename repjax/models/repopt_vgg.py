@@ -32,7 +32,7 @@ import numpy as np
 from repjax.models import MODELS
 from repjax.models.repvgg import repvgg_widths
 from repjax.nn.layers import batch_norm, torch_padding
-from repjax.nn.reparam import identity_kernel, pad_kernel
+from repjax.nn.reparam import fuse_conv_bn, identity_kernel, pad_kernel
 from repjax.optim.repopt import NO_DECAY, Scales, ScalesLike, as_scales, load_scales, mult_tensor, save_scales
 
 MODES = ("hs", "csla", "target")
@@ -326,6 +326,19 @@ def reinit_target(target_params: Mapping[str, Any], scales: ScalesLike, rng: jax
         if not np.all(gamma == 1.0):
             raise ValueError(f"{n}/bn/scale is not all 1: re-initialization is only for training from scratch")
     return csla_to_target(csla_params_for(target_params, scales, rng, use_identity_scales))
+
+
+def to_deploy(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str, Any]:
+    """Target variables (conv3x3 -> BN, eval statistics) -> the RepVGG deploy layout (`rbr_reparam` conv with
+    bias per block, same block names): RepOpt-VGG and RepVGG then share one deploy architecture."""
+    params, stats = variables["params"], variables["batch_stats"]
+    out: dict[str, Any] = {"linear": params["linear"]}
+    for n in block_names(params):
+        bn, st = params[n]["bn"], stats[n]["bn"]
+        kernel, bias = fuse_conv_bn(params[n]["conv"]["kernel"], None, bn["scale"], bn["bias"], st["mean"], st["var"],
+                                    eps)
+        out[n] = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
+    return {"params": out}
 
 
 def grad_mults(scales: ScalesLike, target_params: Mapping[str, Any], power: float) -> dict[str, Any]:
