@@ -7,6 +7,8 @@ on the same batch, interleaved round by round so machine noise hits both alike; 
 ratio of the medians. Also reported: MFU (training FLOPs from XLA's cost analysis over the measured f32
 matmul peak of this machine) and the input pipeline's images/s on the shared CIFAR-10 (or synthetic data).
 Each step ends with the loss on the host in both frameworks (as a logged step would).
+On CPU, repjax convolutions compute their weight gradient in batch chunks (`repjax.nn.conv`); run with
+REPJAX_CONV_CHUNKED=0 to time the plain XLA convolution instead. PyTorch runs in its default NCHW layout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from repjax import config as config_lib, data, models, optim
 from repjax.data import pipeline
+from repjax.nn import conv
 from repjax.step import init_state, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = f"folder:{shared}" if shared.exists() else "synthetic:32x32x3,50000,10"
     result = {
         "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "batch": BATCH,
+        "repjax_conv_chunked": conv.chunked_default(),
         "repjax_train_img_s": jax_img_s, "torch_train_img_s": torch_img_s,
         "ratio_repjax_over_torch": jax_img_s / torch_img_s,
         "repjax_rounds_img_s": jax_rates, "torch_rounds_img_s": torch_rates,

@@ -1,4 +1,4 @@
-"""Small shared building blocks: PyTorch-compatible conv padding, BatchNorm defaults, ConvBN.
+"""Small shared building blocks: PyTorch-compatible conv padding, BatchNorm, ConvBN.
 
 Padding is explicit and symmetric (k // 2 on each side), as in PyTorch's `padding=k//2`. Flax's "SAME"
 differs for strided convs on even inputs (it pads 0 before and 1 after), which shifts the sampling grid
@@ -12,6 +12,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
+
+from repjax.nn.conv import Conv
 
 Dtype = Any
 Size = int | tuple[int, int]
@@ -30,10 +33,46 @@ def torch_padding(kernel_size: Size) -> tuple[tuple[int, int], tuple[int, int]]:
     return (kh // 2, kh // 2), (kw // 2, kw // 2)
 
 
-def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+class BatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, with `nn.BatchNorm`'s variables and arithmetic.
+
+    Same statistics as `nn.BatchNorm` (one fused pass: var = E[x^2] - E[x]^2, clipped at 0; the running
+    averages take the biased batch variance), applied as one multiply-add `x * m + (bias - mean * m)` with
+    `m = scale / sqrt(var + eps)`. That form's gradient needs fewer full-size temporaries than
+    `(x - mean) * m + bias`, which makes a ResNet-20 training step about 8% faster on XLA:CPU.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            flat = x.astype(jnp.float32).reshape(-1, c)
+            mean = jnp.mean(flat, axis=0)
+            var = jnp.maximum(jnp.mean(flat * flat, axis=0) - mean * mean, 0.0)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        y = x * mul + (bias - mean * mul)
+        return y.astype(self.dtype or x.dtype)
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> BatchNorm:
     """BatchNorm with the project's defaults (flax momentum 0.9 == PyTorch momentum 0.1, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     param_dtype=jnp.float32, name=name)
 
 
 class ConvBN(nn.Module):
@@ -52,8 +91,8 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = nn.Conv(self.features, pair(self.kernel_size), strides=self.strides,
-                    padding=torch_padding(self.kernel_size), feature_group_count=self.groups, use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=self.kernel_init, name="conv")(x)
+        x = Conv(self.features, pair(self.kernel_size), strides=self.strides,
+                 padding=torch_padding(self.kernel_size), feature_group_count=self.groups, use_bias=False,
+                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=self.kernel_init, name="conv")(x)
         x = batch_norm(train, self.dtype, name="bn")(x)
         return x if self.act is None else self.act(x)

@@ -1,0 +1,122 @@
+"""2D convolution whose weight gradient is computed in batch chunks: a drop-in for Flax `nn.Conv`.
+
+XLA:CPU lowers a convolution's weight gradient to one convolution contracting over the whole batch and
+image (batch 128 at 32x32 is a 131072-long contraction), which Eigen runs at a fraction of the speed of the
+forward convolution. Splitting the batch into chunks of about 512 KiB of input each and summing the chunks'
+weight gradients is the same sum in a different order and runs 2-4x faster there (see
+`experiments/bench_train.py`). The forward pass and the input gradient are `lax.conv_general_dilated` and
+its own transpose, unchanged.
+
+The chunked gradient is used by default on the CPU backend only; set `REPJAX_CONV_CHUNKED=0` (or pass
+`chunked=False`) to use the plain XLA convolution everywhere, `REPJAX_CONV_CHUNKED=1` to force it on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = str | Sequence[tuple[int, int]]
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+CHUNK_ELEMENTS = 2**17  # input elements per batch chunk (512 KiB of float32): measured best on XLA:CPU
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, groups: int) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS,
+                                    feature_group_count=groups)
+
+
+def num_chunks(x_shape: Sequence[int]) -> int:
+    """Number of batch chunks for the weight gradient: the largest divisor of the batch giving chunks of
+    at least CHUNK_ELEMENTS input elements (1 = no chunking)."""
+    batch, per_example = x_shape[0], max(1, x_shape[1] * x_shape[2] * x_shape[3])
+    target = max(1, batch * per_example // CHUNK_ELEMENTS)
+    return max(k for k in range(1, min(batch, target) + 1) if batch % k == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def chunked_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+                 groups: int) -> jax.Array:
+    """`lax.conv_general_dilated` (NHWC, HWIO) with the weight gradient summed over batch chunks."""
+    return _conv(x, kernel, strides, padding, groups)
+
+
+def _fwd(x, kernel, strides, padding, groups):
+    return _conv(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _kernel_grad(x, dy, kernel, strides, padding, groups):
+    _, vjp = jax.vjp(lambda w: _conv(x, w, strides, padding, groups), kernel)
+    return vjp(dy)[0]
+
+
+def _bwd(strides, padding, groups, residuals, dy):
+    x, kernel = residuals
+    _, x_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding, groups), x)
+    (dx,) = x_vjp(dy)
+    k = num_chunks(x.shape)
+    # Chunk j holds examples j, j + k, j + 2k, ...: with the batch sharded over devices every chunk
+    # stays evenly spread over them (contiguous chunks would each live on one device).
+    xs, dys = x.reshape(-1, k, *x.shape[1:]), dy.reshape(-1, k, *dy.shape[1:])
+    dkernel = sum(_kernel_grad(xs[:, j], dys[:, j], kernel, strides, padding, groups) for j in range(k))
+    return dx, dkernel
+
+
+chunked_conv.defvjp(_fwd, _bwd)
+
+
+def chunked_default() -> bool:
+    """Whether `Conv` chunks its weight gradient when not told: REPJAX_CONV_CHUNKED, else on the CPU backend."""
+    env = os.environ.get("REPJAX_CONV_CHUNKED", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    return jax.default_backend() == "cpu"
+
+
+class Conv(nn.Module):
+    """NHWC 2D convolution with the `nn.Conv` variables (`kernel` HW(I/g)O, optional `bias`).
+
+    Supports what this project's models use: explicit or string padding, strides, feature groups.
+    `chunked`: weight gradient over batch chunks (`chunked_conv`); None picks `chunked_default()`.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    chunked: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
+        groups = self.feature_group_count
+        if x.shape[-1] % groups or self.features % groups:
+            raise ValueError(f"channels {x.shape[-1]} -> {self.features} not divisible by groups={groups}")
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1] // groups, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        chunked = chunked_default() if self.chunked is None else self.chunked
+        if chunked and num_chunks(x.shape) > 1:
+            y = chunked_conv(x, kernel, strides, padding, groups)
+        else:
+            y = _conv(x, kernel, strides, padding, groups)
+        return y if bias is None else y + bias.astype(dtype)

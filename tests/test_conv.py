@@ -1,0 +1,94 @@
+"""repjax.nn.conv: chunked-weight-gradient conv == lax.conv_general_dilated (values and both gradients)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repjax.nn import conv as rconv
+from repjax.nn.layers import BatchNorm, ConvBN
+
+PAD = ((1, 1), (1, 1))
+
+
+def _reference(x, kernel, strides, padding, groups):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+
+
+@pytest.mark.parametrize("strides,groups,padding", [((1, 1), 1, PAD), ((2, 2), 1, PAD), ((1, 1), 4, PAD),
+                                                    ((2, 2), 2, "SAME"), ((1, 2), 1, ((0, 1), (2, 0)))])
+def test_chunked_conv_matches_lax(monkeypatch, strides, groups, padding):
+    monkeypatch.setattr(rconv, "CHUNK_ELEMENTS", 2 * 9 * 9 * 8)  # 2 examples per chunk -> 6 chunks
+    x = jax.random.normal(jax.random.key(0), (12, 9, 9, 8))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8 // groups, 12))
+    assert rconv.num_chunks(x.shape) == 6
+    y, vjp = jax.vjp(lambda a, k: rconv.chunked_conv(a, k, strides, padding, groups), x, kernel)
+    y_ref, vjp_ref = jax.vjp(lambda a, k: _reference(a, k, strides, padding, groups), x, kernel)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_array_equal(y, y_ref)
+    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_num_chunks_divides_batch():
+    assert rconv.num_chunks((128, 32, 32, 16)) == 16  # 8 examples (512 KiB) per chunk
+    assert rconv.num_chunks((128, 8, 8, 64)) == 4
+    assert rconv.num_chunks((6, 32, 32, 16)) == 1  # too small to split
+    assert rconv.num_chunks((100, 32, 32, 16)) == 10  # largest divisor of 100 <= 12
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_conv_module_is_flax_conv(monkeypatch, chunked):
+    monkeypatch.setattr(rconv, "CHUNK_ELEMENTS", 16 * 16 * 4)
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 4))
+    ours = rconv.Conv(6, (3, 3), strides=2, padding=PAD, feature_group_count=2, chunked=chunked)
+    theirs = nn.Conv(6, (3, 3), strides=2, padding=PAD, feature_group_count=2)
+    variables = theirs.init(jax.random.key(1), x)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+
+    def loss(module, v, a):
+        return jnp.sum(jnp.tanh(module.apply(v, a)))
+
+    np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x), rtol=1e-5, atol=1e-5)
+    got, want = (jax.grad(loss, argnums=(1, 2))(m, variables, x) for m in (ours, theirs))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), got, want)
+
+
+def test_env_switch(monkeypatch):
+    monkeypatch.setenv("REPJAX_CONV_CHUNKED", "0")
+    assert not rconv.chunked_default()
+    monkeypatch.setenv("REPJAX_CONV_CHUNKED", "1")
+    assert rconv.chunked_default()
+    monkeypatch.delenv("REPJAX_CONV_CHUNKED")
+    assert rconv.chunked_default() == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_matches_flax(train):
+    x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5)) * 3 + 1
+    ours = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(theirs.init(jax.random.key(0), x))
+    variables = {"params": {"scale": jnp.arange(5.0) + 0.5, "bias": jnp.arange(5.0) * 0.1},
+                 "batch_stats": {"mean": jnp.full(5, 0.3), "var": jnp.full(5, 2.0)}}
+
+    def run(module, params, a):
+        y, stats = module.apply({**variables, "params": params}, a, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, stats)
+
+    (_, got), got_grad = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(ours, variables["params"], x)
+    (_, want), want_grad = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(theirs, variables["params"], x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (got, got_grad),
+                 (want, want_grad))
+
+
+def test_conv_bn_uses_chunked_conv_on_cpu(monkeypatch):
+    monkeypatch.setattr(rconv, "CHUNK_ELEMENTS", 8 * 8 * 3)
+    calls = []
+    monkeypatch.setattr(rconv, "chunked_conv", lambda *a: calls.append(1) or rconv._conv(*a))
+    x = jnp.ones((4, 8, 8, 3))
+    model = ConvBN(4)
+    model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
+    assert calls if jax.default_backend() == "cpu" else not calls
