@@ -70,6 +70,9 @@ def plot_runs(
     available = sorted({k for run in runs for k in run})
     if not available:
         raise ValueError(f"No numeric metrics in {[str(d) for d in dirs]}")
+    if not keys:  # by default, curves only: a metric logged once (final summary) is not a curve
+        curves = [k for k in available if any(len(run.get(k, ((), ()))[0]) > 1 for run in runs)]
+        available = curves or available
     chosen = select_keys(available, keys)
     labels = _labels(dirs)
     ncols = max(1, min(ncols, len(chosen)))
