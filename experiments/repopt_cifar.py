@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax import config as config_lib, data, models, optim, sharding
+from repjax import checkpoint, config as config_lib, data, models, optim, sharding
+from repjax.build import build
 from repjax.evals import classification, quantization
 from repjax.models import repopt_vgg, repvgg
 from repjax.optim.repopt import NO_DECAY, save_scales
@@ -60,16 +61,10 @@ def _config(mode: str, steps: int, batch: int, scales: str = "") -> Any:
 
 
 def _restore(config, workdir: pathlib.Path) -> dict[str, Any]:
-    from repjax import checkpoint
-
-    model = models.create(config.model.name, num_classes=10, **config.model.kwargs)
-    sample = jnp.zeros((1, 32, 32, 3))
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
-    tx, _ = optim.build(config.optim, params, config.total_steps)
-    abstract = jax.eval_shape(functools.partial(init_state, model, tx, sample, 0, False))
+    """Final variables of a finished run."""
+    built = build(config, 10, (32, 32, 3), sharding.make_mesh(config.mesh))
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        state = ckpt.restore(abstract)[1]
-    return state.variables()
+        return ckpt.restore(built.abstract_state)[1].variables()
 
 
 def side_by_side(configs: dict[str, Any], batch: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:

@@ -7,45 +7,35 @@ plus every evaluator listed in `config.evals`.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from repjax import checkpoint, data, evals, optim, sharding
+from repjax import checkpoint, data, evals, sharding
+from repjax.build import build, example_shape, load_init
 from repjax.evals import classification, cost
-from repjax.step import init_state
-from repjax.train import _example_shape, _load_init, build_model
 
 
 def evaluate(config, *, workdir: str | None = None, throughput: bool = True) -> dict[str, Any]:
     """Metrics of a trained (workdir) or imported (`config.init.path`) model on the eval split."""
     mesh = sharding.make_mesh(config.mesh)
     source = data.get_source(config.data.source, config.data.eval_split)
-    image_shape = _example_shape(source, config.data.eval_pp)
-    model = build_model(config, source.num_classes)
-    sample = jnp.zeros((1, *image_shape), jnp.float32)
-    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
-    tx, _ = optim.build(config.optim, abstract_params, config.total_steps)
-    make_state = functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0)
-    abstract_state = jax.eval_shape(make_state)
-    state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-    state = jax.jit(make_state, out_shardings=state_sharding)()
+    image_shape = example_shape(source, config.data.eval_pp)
+    built = build(config, source.num_classes, image_shape, mesh)
+    model, state_sharding = built.model, built.state_sharding
+    state = jax.jit(built.make_state, out_shardings=state_sharding)()
     if workdir is not None:
         ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_sharding)
-        restored = ckpt.restore(abstract)
+        restored = ckpt.restore(built.abstract_state)
         if restored is None:
             raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints")
         step, state, _ = restored
         ckpt.close()
     elif config.init.get("path"):
-        state, step = _load_init(config, state, state_sharding), 0
+        state, step = load_init(config, state, state_sharding), 0
     else:
         raise ValueError("Nothing to evaluate: give --workdir or --config.init.path")
 

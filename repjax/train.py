@@ -7,7 +7,6 @@ parameters as an uninterrupted run (the data position and RNG are part of the ch
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 import sys
@@ -15,24 +14,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from repjax import checkpoint, config as config_lib, data, evals, models, optim, sharding
-from repjax.data import augment, pipeline
+from repjax import checkpoint, config as config_lib, data, evals, sharding
+from repjax.build import build, example_shape, load_init
+from repjax.data import pipeline
 from repjax.evals import classification, cost
 from repjax.metrics import MetricWriter, ProgressBar
-from repjax.step import TrainState, init_state, make_train_step
+from repjax.step import TrainState, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
-
-
-def _example_shape(source: Any, pp: str) -> tuple[int, ...]:
-    """Shape of one preprocessed image (what the model is initialised with)."""
-    image = augment.build(pp)(source[0]["image"], np.random.default_rng(0))
-    return tuple(np.shape(image))
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> None:
@@ -41,11 +34,6 @@ def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) ->
         kept = f"the last good checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint"
         what = f"Loss is {loss}" if not math.isfinite(loss) else f"Loss is {loss} but the update is not finite"
         raise NonFiniteLossError(f"{what} at step {step}; stopping ({kept}).")
-
-
-def build_model(config, num_classes: int):
-    return models.create(config.model.name, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                         **config.model.kwargs)
 
 
 def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict[str, Any]:
@@ -68,21 +56,14 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     # ---------------------------------------------------------------- Input
     train_source = data.get_source(config.data.source, config.data.train_split)
     num_classes = train_source.num_classes
-    image_shape = _example_shape(train_source, config.data.train_pp)
+    image_shape = example_shape(train_source, config.data.train_pp)
 
-    # ---------------------------------------------------------------- Model & optimizer
-    model = build_model(config, num_classes)
-    sample = jnp.zeros((1, *image_shape), jnp.float32)
-    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
-    tx, schedule = optim.build(config.optim, abstract_params, config.total_steps)
-    make_state = functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0)
-
-    # ---------------------------------------------------------------- Shard & initialise
-    abstract_state = jax.eval_shape(make_state)
-    state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-    state = jax.jit(make_state, out_shardings=state_sharding)()
+    # ---------------------------------------------------------------- Model, optimizer, sharded state
+    built = build(config, num_classes, image_shape, mesh)
+    model, tx, schedule, state_sharding = built.model, built.tx, built.schedule, built.state_sharding
+    state = jax.jit(built.make_state, out_shardings=state_sharding)()
     if config.init.get("path"):
-        state = _load_init(config, state, state_sharding)
+        state = load_init(config, state, state_sharding)
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
@@ -95,9 +76,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     # ---------------------------------------------------------------- Restore
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
                                    save_every_steps=config.checkpoint_every_steps)
-    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state, state_sharding)
-    restored = ckpt.restore(abstract_sharded)
+    restored = ckpt.restore(built.abstract_state)
     start = 0
     if restored is not None:
         start, state, _ = restored
@@ -183,16 +162,6 @@ def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, 
                                                 mesh=mesh)
         out.update({f"{prefix}/{tag}{k}": v for k, v in metrics.items()})
     return out
-
-
-def _load_init(config, state: TrainState, state_sharding: Any) -> TrainState:
-    """Replaces parameters and BN statistics by imported weights (`config.init.path`)."""
-    from repjax import io
-
-    variables = io.load_variables(config.init.path, config.model.name, config.init.get("format", "auto"))
-    params = jax.device_put(variables["params"], state_sharding.params)
-    batch_stats = jax.device_put(variables.get("batch_stats", {}), state_sharding.batch_stats)
-    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def main(argv: list[str] | None = None) -> None:

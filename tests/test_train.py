@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from repjax import checkpoint, config as config_lib, train as train_lib
+from repjax import checkpoint, config as config_lib, sharding, train as train_lib
+from repjax.build import build
 from repjax.metrics import read_metrics
 
 
@@ -40,19 +41,8 @@ def _final_params(workdir, config):
 
 
 def _abstract(config):
-    # A throwaway state built the way train() builds it, used only for its structure.
-    import functools
-
-    import jax.numpy as jnp
-
-    from repjax import models, optim
-    from repjax.step import init_state
-
-    model = models.create(config.model.name, num_classes=10)
-    sample = jnp.zeros((1, 8, 8, 1))
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))["params"]
-    tx, _ = optim.build(config.optim, params, config.total_steps)
-    return jax.eval_shape(functools.partial(init_state, model, tx, sample, config.seed, config.ema_decay > 0))
+    """The state layout train() restores onto (digits: 8x8x1 images, 10 classes)."""
+    return build(config, 10, (8, 8, 1), sharding.make_mesh(config.mesh)).abstract_state
 
 
 def _assert_same_state(a, b):
