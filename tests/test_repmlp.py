@@ -197,6 +197,17 @@ def test_parameter_counts_match_official_table(name):
             assert k.shape == (model.sharesets[st], hw, hw)
 
 
+# Official "FLOPs" column (billions, rounded to 0.1); ours (multiply-accumulates): 2.80, 6.66, 4.25, 9.62, 8.61,
+# 11.58. All within 0.05 of the table except L256 (+0.08, unexplained; the table may truncate), hence 0.1.
+GFLOPS = {"t224": 2.8, "b224": 6.7, "t256": 4.2, "b256": 9.6, "d256": 8.6, "l256": 11.5}
+
+
+@pytest.mark.parametrize("name", list(GFLOPS))
+def test_macs_match_official_flops(name):
+    size = int(name[1:])
+    assert abs(rm.macs(create(f"repmlpnet_{name}"), size) / 1e9 - GFLOPS[name]) < 0.1
+
+
 def test_features_at_multiples_of_the_partition_size():
     """Dense-prediction input 448 for T224: stage maps 112, 56, 28, 14 (2x2 partitions); bad sizes raise."""
     model = create("repmlpnet_t224")

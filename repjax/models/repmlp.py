@@ -274,6 +274,23 @@ def repmlpnet_tiny(**kw: Any) -> RepMLPNet:
     return RepMLPNet(**{**cfg, **kw})
 
 
+def macs(model: RepMLPNet, height: int, width: int | None = None) -> int:
+    """Multiply-accumulates of one deploy-form forward pass (convs, FC3, FFN, GP, head; BN and elementwise
+    ops not counted), the quantity behind the official "FLOPs" column (T224: 2.80e9)."""
+    r, q = height // model.patch_size, (width or height) // model.patch_size
+    ch = model.channels
+    total = 3 * ch[0] * model.patch_size**2 * r * q
+    for st, depth in enumerate(model.num_blocks):
+        c, hw = ch[st], model.hs[st] * model.ws[st]
+        fc3 = c * hw * (r * q)  # every pixel of every channel: one row of an hw x hw matrix
+        unit = fc3 + 2 * c * 4 * c * r * q + 2 * c * (c // model.gp_reduce)
+        total += depth * unit
+        if st < len(model.num_blocks) - 1:
+            r, q = r // 2, q // 2
+            total += c * ch[st + 1] * 4 * r * q
+    return total + ch[-1] * model.num_classes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Official PyTorch state_dict layout (`repmlpnet.py`: conv_embedding, stages.{s}.{i}..., embeds.{s}, head)
 
