@@ -340,3 +340,59 @@ def test_import_is_strict():
         rm.from_torch(sd | {"stages.0.0.extra.weight": np.zeros(1)}, model=tiny())
     with pytest.raises(tio.WeightImportError, match="shape"):
         rm.from_torch(sd | {"head.weight": np.zeros((5, 16), np.float32)}, model=tiny())
+
+
+def torch_reference(sd, x, h_sizes, sharesets, ks, patch=2, eps=1e-5):
+    """RepMLPNet forward in PyTorch (NCHW) written from the paper/spec on the official keys; `ks` = () for deploy."""
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+
+    def bn(z, p):
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        scale = t[f"{p}.weight"] / torch.sqrt(t[f"{p}.running_var"] + eps)
+        return (z - t[f"{p}.running_mean"].view(shape)) * scale.view(shape) + t[f"{p}.bias"].view(shape)
+
+    def block(z, p, h, s):
+        n, c, hh, ww = z.shape
+        gate = torch.sigmoid(f.conv2d(torch.relu(f.conv2d(z.mean((2, 3), keepdim=True), t[f"{p}.gp.fc1.weight"],
+                                                          t[f"{p}.gp.fc1.bias"])), t[f"{p}.gp.fc2.weight"],
+                                      t[f"{p}.gp.fc2.bias"]))
+        hp, wp, g = hh // h, ww // h, c // s
+        parts = z.reshape(n, g, s, hp, h, wp, h).permute(0, 3, 5, 1, 2, 4, 6)  # n, hp, wp, g, s, h, w
+        mats = t[f"{p}.fc3.weight"].reshape(s, h * h, h * h)  # [s, out q, in p]
+        y = torch.einsum("sqp,...sp->...sq", mats, parts.reshape(n, hp, wp, g, s, h * h))
+        if f"{p}.fc3.bias" in t:
+            y = y + t[f"{p}.fc3.bias"].reshape(s, h * h)
+        y = y.reshape(-1, s, h, h)
+        if f"{p}.fc3_bn.weight" in t:
+            y = bn(y, f"{p}.fc3_bn")
+        imgs = parts.reshape(-1, s, h, h)
+        for k in ks:
+            y = y + bn(f.conv2d(imgs, t[f"{p}.repconv{k}.conv.weight"], padding=k // 2, groups=s), f"{p}.repconv{k}.bn")
+        y = y.reshape(n, hp, wp, g, s, h, h).permute(0, 3, 4, 1, 5, 2, 6).reshape(n, c, hh, ww)
+        return y * gate
+
+    z = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
+    z = torch.relu(bn(f.conv2d(z, t["conv_embedding.conv.weight"], stride=patch), "conv_embedding.bn"))
+    for st, (h, s) in enumerate(zip(h_sizes, sharesets)):
+        p = f"stages.{st}.0"
+        z = z + block(bn(z, f"{p}.prebn1"), f"{p}.repmlp_block", h, s)
+        u = bn(f.conv2d(bn(z, f"{p}.prebn2"), t[f"{p}.ffn_block.ffn_fc1.conv.weight"]), f"{p}.ffn_block.ffn_fc1.bn")
+        u = bn(f.conv2d(f.gelu(u), t[f"{p}.ffn_block.ffn_fc2.conv.weight"]), f"{p}.ffn_block.ffn_fc2.bn")
+        z = z + u
+        if st < len(h_sizes) - 1:
+            z = torch.relu(bn(f.conv2d(z, t[f"embeds.{st}.conv.weight"], stride=2), f"embeds.{st}.bn"))
+    z = bn(z, "head_norm").mean((2, 3))
+    return (z @ t["head.weight"].T + t["head.bias"]).numpy()
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+@pytest.mark.parametrize("size", [8, 16])
+def test_imported_weights_match_a_torch_reference(deploy, size):
+    """Official-layout weights give the same logits in repjax and in a PyTorch reference (1 and 2x2 partitions)."""
+    sd = official_state_dict(deploy, seed=3)
+    x = normal((2, size, size, 3), seed=4)
+    ref = torch_reference(sd, x, (4, 2), (2, 4), () if deploy else (1, 3, 5))
+    out = tiny(deploy=deploy).apply(rm.from_torch(sd, deploy, tiny(deploy=deploy)), x)
+    assert rel_err(out, ref) <= REL_TOL
