@@ -169,6 +169,34 @@ def test_network_reparameterize_equals_train_form(size):
     assert jax.tree.map(lambda a: a.shape, dv) == jax.tree.map(lambda a: a.shape, deploy_abstract)
 
 
+def test_network_non_square_partitions():
+    """reparameterize(model=...) handles h != w (here 4x2 and 2x1 partitions, 16x8 input: several of each)."""
+    model = tiny(hs=(4, 2), ws=(2, 1))
+    x = normal((1, 16, 8, 3))
+    v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+    dv = rm.reparameterize(v, model=model)
+    out = tiny(hs=(4, 2), ws=(2, 1), deploy=True).apply(dv, x)
+    assert rel_err(out, model.apply(v, x)) <= REL_TOL
+    with pytest.raises(ValueError, match="pass `model`"):
+        rm.reparameterize(v)
+
+
+def test_bfloat16_and_gradients():
+    model = tiny(dtype=jnp.bfloat16)
+    x = normal((2, 16, 16, 3))
+    v = model.init(jax.random.key(0), x)
+    assert model.apply(v, x).dtype == jnp.float32
+
+    def loss(params):
+        out, _ = tiny().apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(out**2)
+
+    grads = jax.grad(loss)(v["params"])
+    g = grads["stages_0_0"]["repmlp_block"]
+    assert all(float(jnp.abs(g[k]["conv"]["kernel"]).sum()) > 0 for k in ("repconv1", "repconv3", "repconv5"))
+    assert float(jnp.abs(g["fc3"]["kernel"]).sum()) > 0
+
+
 def test_training_step_runs_and_updates_stats():
     model = tiny()
     x = normal((2, 16, 16, 3))

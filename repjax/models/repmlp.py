@@ -6,8 +6,10 @@ with GP the Global Perceptron gate (GAP -> 1x1 C/r -> ReLU -> 1x1 C -> sigmoid),
 matrices applied to every h x w partition, and the Local Perceptron convs zero-padded at each partition
 boundary. Locality Injection (Sec. 3.3, Eq. 4, 7-8; `repjax.nn.locality`) folds the BNs and convs into FC3:
 `reparameterize` maps training variables to the deploy form (FC3 with bias, no fc3_bn / repconv*).
-Partitions are taken literally (out[partition i, j] depends only on in[partition i, j]); with one partition
-per map (the released configs at native resolution) this equals the official code.
+Partitions are taken literally (out[partition i, j] depends only on in[partition i, j]). With one partition
+per map (the released configs at native resolution) this equals the official code; with hp * wp > 1 the
+official forward's reshapes mix partitions and channels (an identity FC3 does not give back its input there),
+so imported weights agree with it only at the native resolution.
 
 Parameter tree mirrors the official names: `conv_embedding`, `stages_{s}_{i}` ({prebn1, repmlp_block{gp,
 fc3, fc3_bn, repconv{k}}, prebn2, ffn_block{ffn_fc1, ffn_fc2}}), `embeds_{s}`, `head_norm`, `head`.
@@ -205,20 +207,25 @@ def inject_block(params: Mapping[str, Any], stats: Mapping[str, Any], h: int, w:
     return {"gp": params["gp"], "fc3": {"kernel": kernel, "bias": bias}}
 
 
-def reparameterize(variables: Mapping[str, Any], eps: float = BN_EPS) -> dict[str, Any]:
+def reparameterize(variables: Mapping[str, Any], eps: float = BN_EPS, model: RepMLPNet | None = None) -> dict[str, Any]:
     """Training-form {'params', 'batch_stats'} -> deploy-form ones (pure; jit-able; exact in eval mode only).
 
     Every `repmlp_block` gets its BNs and conv branches folded into FC3; the other BNs stay (as officially).
-    The partition size is read from FC3 (hw) assuming square partitions, h = w = sqrt(hw).
+    Partition sizes come from `model.hs`/`model.ws`, or without `model` from FC3 (h = w = sqrt(hw)).
     """
     params, stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
     for name, unit in variables["params"].items():
         if isinstance(unit, Mapping) and "repmlp_block" in unit:
             blk = unit["repmlp_block"]
-            side = round(np.sqrt(float(blk["fc3"]["kernel"].shape[1])))
-            if side * side != blk["fc3"]["kernel"].shape[1]:
-                raise ValueError(f"{name}: non-square partition; use inject_block with explicit h, w")
-            params[name] = {**unit, "repmlp_block": inject_block(blk, stats[name]["repmlp_block"], side, side, eps)}
+            hw = blk["fc3"]["kernel"].shape[1]
+            if model is not None:
+                st = int(name.split("_")[1])
+                h, w = model.hs[st], model.ws[st]
+            else:
+                h = w = round(np.sqrt(float(hw)))
+            if h * w != hw:
+                raise ValueError(f"{name}: FC3 has {hw} positions, not {h}x{w}; pass `model` for non-square ones")
+            params[name] = {**unit, "repmlp_block": inject_block(blk, stats[name]["repmlp_block"], h, w, eps)}
             stats[name] = {k: v for k, v in stats[name].items() if k != "repmlp_block"}
     return {"params": params, "batch_stats": stats}
 
