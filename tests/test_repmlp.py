@@ -246,11 +246,14 @@ def test_features_at_multiples_of_the_partition_size():
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 240, 240, 3))))
 
 
-@pytest.mark.parametrize("name,size", [("repmlpnet_cifar", 32), ("repmlpnet_imagenette", 128)])
-def test_small_variants(name, size):
-    model = create(name)
-    out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((2, size, size, 3)))[0])
+@pytest.mark.parametrize("name,size,kw", [("repmlpnet_cifar", 32, {}), ("repmlpnet_imagenette", 128, {}),
+                                          ("repmlpnet_imagenette", 224, {"image_size": 224})])
+def test_small_variants(name, size, kw):
+    model = create(name, **kw)
+    out, v = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((2, size, size, 3))))
     assert out.shape == (2, 10)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+    assert n == {32: 1_152_210, 128: 7_281_394, 224: 31_579_954}[size]
 
 
 # ---------------------------------------------------------------------------------------------------- PyTorch layout
