@@ -169,6 +169,17 @@ def test_network_reparameterize_equals_train_form(size):
     assert jax.tree.map(lambda a: a.shape, dv) == jax.tree.map(lambda a: a.shape, deploy_abstract)
 
 
+def test_without_local_branches_same_deploy_architecture():
+    """reparam_conv_k=() (the ablation without Locality Injection) folds fc3_bn only; same deploy tree."""
+    model = tiny(reparam_conv_k=())
+    x = normal((2, 16, 16, 3))
+    v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+    assert not any(k.startswith("repconv") for k in v["params"]["stages_0_0"]["repmlp_block"])
+    dv = rm.reparameterize(v)
+    out = tiny(deploy=True).apply(dv, x)
+    assert rel_err(out, model.apply(v, x)) <= REL_TOL
+
+
 def test_network_non_square_partitions():
     """reparameterize(model=...) handles h != w (here 4x2 and 2x1 partitions, 16x8 input: several of each)."""
     model = tiny(hs=(4, 2), ws=(2, 1))
