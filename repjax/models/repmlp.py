@@ -4,7 +4,7 @@ RepMLP block on x [N, H, W, C] (H % h == W % w == 0, C % S == 0; channel c uses 
   out = GP(x) * (BN_S(FC3(partitions(x))) + sum_k BN_S(dwconv_k(partitions(x))))
 with GP the Global Perceptron gate (GAP -> 1x1 C/r -> ReLU -> 1x1 C -> sigmoid), FC3 S spatial (hw x hw)
 matrices applied to every h x w partition, and the Local Perceptron convs zero-padded at each partition
-boundary. Locality Injection (Sec. 3.3, Eq. 4, 7-8; `repjax.nn.locality`) folds the BNs and convs into FC3:
+boundary. Locality Injection (paper Sec. "Locality Injection"; `repjax.nn.locality`) folds the BNs and convs into FC3:
 `reparameterize` maps training variables to the deploy form (FC3 with bias, no fc3_bn / repconv*).
 Partitions are taken literally (out[partition i, j] depends only on in[partition i, j]). With one partition
 per map (the released configs at native resolution) this equals the official code; with hp * wp > 1 the
@@ -99,7 +99,8 @@ class _FC3(nn.Module):
         kernel = self.param("kernel", fc3_init, (self.sharesets, self.hw, self.hw), jnp.float32)
         y = jnp.einsum("bps,spq->bqs", x, kernel.astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.sharesets, self.hw), jnp.float32).T
+            bias = self.param("bias", nn.initializers.zeros, (self.sharesets, self.hw), jnp.float32)
+            y = y + bias.T.astype(self.dtype)
         return y
 
 

@@ -1,14 +1,15 @@
-"""Locality Injection algebra for RepMLP (Ding et al., CVPR'22, Sec. 3.3; pure array functions).
+"""Locality Injection algebra for RepMLP / RepMLPNet (Ding et al., CVPR'22; pure array functions).
 
 A partitioned spatial FC ("FC3") with S share-sets holds S matrices W[s] of shape (hw, hw) indexed
 [input position p, output position q] (positions row-major in an h x w partition). A depthwise conv with
 kernel K (HWIO, [kh, kw, 1, S]) and zero padding k//2 run inside one partition is the same linear map
-(paper Eq. 7-8: FC(x, M) == conv(x, K) with M the conv applied to the identity):
+(the paper's identity trick: M is the conv applied to the identity, i.e. to the hw one-hot images):
 
     M[s, p, q] = K[yp - yq + kh//2, xp - xq + kw//2, 0, s]   (0 where the offset falls outside K),
 
 computed here analytically (`conv_to_fc`); `conv_to_fc_onehot` computes it by running the conv on the hw
-one-hot images, as the paper describes. BN after FC3 or after a conv folds into it per set (Eq. 4).
+one-hot images, as the paper describes. BN after FC3 or after a conv folds into it per set (as RepVGG
+Eq. 3, `repjax.nn.reparam.fuse_conv_bn`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def conv_to_fc_onehot(kernel: Array, h: int, w: int) -> Array:
 
 def fuse_fc_bn(kernel: Array, scale: Array, bias: Array, mean: Array, var: Array,
                eps: float = 1e-5) -> tuple[Array, Array]:
-    """Folds BN(S) after FC3 (kernel [S, hw, hw]) into per-set scaled matrices and a bias [S, hw] (Eq. 4)."""
+    """Folds BN(S) after FC3 (kernel [S, hw, hw]) into per-set scaled matrices and a bias [S, hw]."""
     t = scale / jnp.sqrt(var + eps)
     b = bias - mean * t
     return kernel * t[:, None, None], jnp.broadcast_to(b[:, None], (kernel.shape[0], kernel.shape[-1]))
