@@ -438,3 +438,15 @@ def test_imported_weights_match_a_torch_reference(deploy, size):
     ref = torch_reference(sd, x, (4, 2), (2, 4), () if deploy else (1, 3, 5))
     out = tiny(deploy=deploy).apply(rm.from_torch(sd, deploy, tiny(deploy=deploy)), x)
     assert rel_err(out, ref) <= REL_TOL
+
+
+def test_registered_names_and_load_variables(tmp_path):
+    """All variants are registered as models and importers; `load_variables` reads an official-layout .npz."""
+    from repjax import io, models
+
+    names = {f"repmlpnet_{n}" for n in ("t224", "b224", "t256", "b256", "d256", "l256", "cifar", "imagenette", "tiny")}
+    assert names <= set(models.names()) and names <= set(IMPORTERS.names())
+    path = tmp_path / "w.npz"
+    tio.save_state_dict(path, official_state_dict(False))
+    v = io.load_variables(path, "repmlpnet_tiny")
+    assert v["params"]["stages_0_0"]["repmlp_block"]["fc3"]["kernel"].shape == (2, 16, 16)
