@@ -195,14 +195,14 @@ def test_network_non_square_partitions():
 def test_bfloat16_and_gradients():
     model = tiny(dtype=jnp.bfloat16)
     x = normal((2, 16, 16, 3))
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     assert model.apply(v, x).dtype == jnp.float32
 
     def loss(params):
         out, _ = tiny().apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.mean(out**2)
 
-    grads = jax.grad(loss)(v["params"])
+    grads = jax.jit(jax.grad(loss))(v["params"])
     g = grads["stages_0_0"]["repmlp_block"]
     assert all(float(jnp.abs(g[k]["conv"]["kernel"]).sum()) > 0 for k in ("repconv1", "repconv3", "repconv5"))
     assert float(jnp.abs(g["fc3"]["kernel"]).sum()) > 0
