@@ -16,23 +16,17 @@ wall clocks. Writes `results.json`, `curves.png` and `summary.png` under --out.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
-import statistics
-import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from repjax import checkpoint, config as config_lib, data, models, optim, sharding
+from repjax import bench, checkpoint, config as config_lib, data, models, sharding
 from repjax.build import build
 from repjax.evals import classification, quantization
 from repjax.models import repopt_vgg, repvgg
 from repjax.optim.repopt import NO_DECAY, save_scales
-from repjax.step import init_state, make_train_step
 from repjax.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -69,55 +63,21 @@ def _restore(config, workdir: pathlib.Path) -> dict[str, Any]:
 
 def side_by_side(configs: dict[str, Any], batch: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:
     """Train img/s (median of interleaved rounds) and XLA's peak memory of each compiled train step."""
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
-    batch_ = {"image": images, "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
     runners, out = {}, {}
     for name, config in configs.items():
         model = models.create(config.model.name, num_classes=10, **config.model.kwargs)
-        params = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), images[:1], train=False))["params"]
-        tx, schedule = optim.build(config.optim, params, config.total_steps)
-        state = jax.jit(functools.partial(init_state, model, tx, images[:1], 0, False))()
-        step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
-        mem = step.lower(state, batch_).compile().memory_analysis()
-        out[name] = {"peak_memory_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                        + mem.output_size_in_bytes) / 2**20,
-                     "params": sum(x.size for x in jax.tree.leaves(state.params))}
-        holder = {"state": state}
-
-        def run(n: int, step=step, holder=holder) -> float:
-            start = time.perf_counter()
-            for _ in range(n):
-                holder["state"], metrics = step(holder["state"], batch_)
-            float(metrics["loss"])
-            return n * batch / (time.perf_counter() - start)
-
-        run(2)
-        runners[name] = run
-    rates: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            rates[name].append(run(steps))
-    for name in configs:
-        out[name]["train_img_s"] = statistics.median(rates[name])
+        runners[name], out[name] = bench.train_runner(model, config.optim, batch=batch, image_shape=(32, 32, 3),
+                                                      iters=steps)
+    for name, rate in bench.interleaved(runners, rounds).items():
+        out[name]["train_img_s"] = rate
     return out
 
 
 def deploy_throughput(variables: dict[str, dict], batch: int = 256, iters: int = 10, rounds: int = 3) -> dict:
     model = models.create("repvgg_tiny", num_classes=10, deploy=True, groups_map=(), **ARCH)
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    x = jnp.zeros((batch, 32, 32, 3))
-    rates: dict[str, list[float]] = {k: [] for k in variables}
-    for v in variables.values():
-        fn(v, x).block_until_ready()
-    for _ in range(rounds):
-        for name, v in variables.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                y = fn(v, x)
-            y.block_until_ready()
-            rates[name].append(batch * iters / (time.perf_counter() - start))
-    return {k: statistics.median(r) for k, r in rates.items()}
+    runners = {name: bench.inference_runner(model, v, batch=batch, image_shape=(32, 32, 3), iters=iters)
+               for name, v in variables.items()}
+    return bench.interleaved(runners, rounds)
 
 
 def plot(out: pathlib.Path, results: dict[str, Any], workdirs: dict[str, pathlib.Path]) -> None:

@@ -1,0 +1,82 @@
+"""Side-by-side speed measurement: compiled runners timed in interleaved rounds (median img/s).
+
+The machines this runs on are shared and noisy, so speed is only ever reported as a comparison measured in
+one process: every runner is compiled and warmed up first, then the runners take turns, `rounds` times, and
+each one's median rate is kept.
+
+    runners = {"train": train_runner(model, config.optim, batch=128, image_shape=(32, 32, 3)),
+               "deploy": inference_runner(deploy_model, deploy_vars, batch=256, image_shape=(32, 32, 3))}
+    rates = interleaved(runners, rounds=3)
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repjax import optim
+from repjax.step import init_state, make_train_step
+
+Runner = Callable[[], float]  # one timed burst -> images per second
+
+
+def _timed(fn: Callable[[], Any], n: int, images: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return n * images / (time.perf_counter() - start)
+
+
+def _batch(batch: int, image_shape: tuple[int, ...], num_classes: int) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    return {"image": jnp.asarray(rng.normal(size=(batch, *image_shape)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)}
+
+
+def train_runner(model: nn.Module, optim_cfg: Any, *, batch: int, image_shape: tuple[int, ...], iters: int = 10,
+                 num_classes: int = 10) -> tuple[Runner, dict[str, Any]]:
+    """A runner of `iters` compiled train steps (donated state) and the step's XLA memory figures (MiB)."""
+    data = _batch(batch, image_shape, num_classes)
+    example = data["image"][:1]
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))["params"]
+    tx, schedule = optim.build(optim_cfg, params, 1000)
+    state = jax.jit(functools.partial(init_state, model, tx, example, 0, False))()
+    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    mem = step.lower(state, data).compile().memory_analysis()
+    info = {"peak_memory_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20,
+            "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+    holder = {"state": state}
+
+    def one() -> jax.Array:
+        holder["state"], metrics = step(holder["state"], data)
+        return metrics["loss"]
+
+    one()
+    return functools.partial(_timed, one, iters, batch), info
+
+
+def inference_runner(model: nn.Module, variables: Any, *, batch: int, image_shape: tuple[int, ...],
+                     iters: int = 10) -> Runner:
+    """A runner of `iters` compiled eval-mode forward passes."""
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    x = jnp.zeros((batch, *image_shape), jnp.float32)
+    jax.block_until_ready(fn(variables, x))
+    return functools.partial(_timed, lambda: fn(variables, x), iters, batch)
+
+
+def interleaved(runners: dict[str, Runner], rounds: int = 3) -> dict[str, float]:
+    """Median img/s of each runner over `rounds` turns taken in alternation."""
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            rates[name].append(run())
+    return {name: statistics.median(r) for name, r in rates.items()}
