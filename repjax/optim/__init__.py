@@ -5,7 +5,8 @@
 `TRANSFORMS` holds gradient transforms that rules can name; a factory has the signature
 `fn(params, cfg, **kwargs) -> optax.GradientTransformation` and sees the whole parameter tree (to build
 per-parameter constants); inside a group it receives updates where other groups' leaves are masked out.
-Importing this package registers the transforms of `repjax.optim.repopt` (RepOptimizers' Grad Mult).
+Importing this package registers the transforms of `repjax.optim.repopt` (RepOptimizers' Grad Mult) and
+`repjax.optim.sparsity` (dynamic sparsity, a `final_transforms` entry).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from repjax.optim import repopt  # noqa: F401  (registers its transforms)
+from repjax.optim import repopt, sparsity  # noqa: F401  (register their transforms)
 from repjax.optim.optimizers import OPTIMIZERS, TRANSFORMS
 from repjax.optim.rules import check_rules, group_labels, trainable_mask
 from repjax.optim.schedules import make_schedule
@@ -30,9 +31,10 @@ def _group(cfg, params: Any, spec: dict, schedule: optax.Schedule) -> optax.Grad
     lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
     pre = _transforms(cfg, params, spec.get("transforms", ()))
     post = _transforms(cfg, params, spec.get("post_transforms", ()))
+    final = _transforms(cfg, params, spec.get("final_transforms", ()))
     factory, wd = OPTIMIZERS.get(cfg.name), float(spec.get("weight_decay", cfg.weight_decay))
     base = factory(cfg, lr, wd, post=post) if post else factory(cfg, lr, wd)
-    return optax.chain(*pre, base)
+    return optax.chain(*pre, base, *final)
 
 
 def _transforms(cfg, params: Any, names: Any) -> list[optax.GradientTransformation]:

@@ -9,7 +9,10 @@ relative to `params`) decides its group, unmatched parameters form the `default`
 - `transforms=[(name, kwargs), ...]`: registered gradient transforms applied to the group's gradients
   before the base optimizer (RepOpt gradient multipliers, gradient sparsity, ...);
 - `post_transforms=[(name, kwargs), ...]`: registered transforms applied to the base optimizer's update
-  direction (after momentum / Adam moments), before decoupled weight decay and the learning rate.
+  direction (after momentum / Adam moments), before decoupled weight decay and the learning rate;
+- `final_transforms=[(name, kwargs), ...]`: registered transforms applied to the group's final update (after
+  the learning rate and weight decay), with the parameters: `optax.chain(*pre, base, *final)` (dynamic
+  sparsity masks the update there).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 
 from repjax.sharding import path_str
 
-RULE_KEYS = frozenset({"frozen", "lr_mult", "weight_decay", "transforms", "post_transforms"})
+RULE_KEYS = frozenset({"frozen", "lr_mult", "weight_decay", "transforms", "post_transforms", "final_transforms"})
 
 
 def check_rules(rules: Sequence[tuple[str, dict]]) -> None:
