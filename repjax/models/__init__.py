@@ -15,7 +15,7 @@ from repjax.registry import Registry
 MODELS = Registry("model")
 
 # Every module that registers models. Add a new family here.
-_MODEL_MODULES = ("resnet_cifar", "small_cnn", "repvgg", "repopt_vgg", "repmlp")
+_MODEL_MODULES = ("resnet_cifar", "small_cnn", "repvgg", "repopt_vgg", "repmlp", "lk_convnext", "replknet")
 
 
 def _import_all() -> None:
