@@ -158,3 +158,11 @@ def test_train_step_and_checkpoint_round_trip(tmp_path):
     assert active == pytest.approx(0.4, abs=0.01)  # ERK at 60% sparsity overall
     assert report["density"] <= active  # regrown weights may still be exactly zero
     assert sp.mask_densities(state.opt_state).keys() == report["layers"].keys()
+
+
+def test_sparsity_evaluator():
+    from repjax import evals
+
+    params = {"conv": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "bias": jnp.array([0.0, 3.0])}}
+    out = evals.get("sparsity")(None, {"params": params}, None, None, layers=True)
+    assert out == {"params": 6, "nonzero_params": 3, "density": 0.5, "density/conv/kernel": 0.5}

@@ -12,7 +12,7 @@ from repjax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
 
-_EVAL_MODULES = ("classification", "cost", "quantization")
+_EVAL_MODULES = ("classification", "cost", "quantization", "erf", "sparsity")
 
 
 def get(name: str):
