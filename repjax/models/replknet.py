@@ -132,7 +132,7 @@ def macs(model: RepLKNet, height: int, width: int | None = None) -> float:
             total += ch[st - 1] * c * h * w
             h, w = h // 2, w // 2
             total += 9 * c * h * w
-        block = (2 * c * dw + (k * k + s * s) * dw) * h * w
+        block = (2 * c * dw + (k * k + min(s, k) ** 2) * dw) * h * w
         ffn = 2 * model.ffn_ratio * c * c * h * w
         total += depth * (block + ffn)
     return total + ch[-1] * model.num_classes

@@ -56,8 +56,8 @@ def _conv_bn(x: jax.Array, ks: tuple[int, int], name: str, train: bool, mod: nn.
 
 
 class DenseMixer(nn.Module):
-    """Dense k x k depthwise conv. `use_bn=False`: one conv with bias (ConvNeXt). Otherwise lk -> BN
-    (+ small -> BN if `small_kernel`), deploy form `reparam` {kernel, bias}."""
+    """Dense k x k depthwise conv. `use_bn=False`: one conv `lk` with bias (ConvNeXt; training = deploy form).
+    Otherwise lk -> BN (+ small -> BN if `small_kernel`), deploy form `reparam` {kernel, bias}."""
 
     kernel_size: int
     small_kernel: int | None = None
@@ -70,10 +70,10 @@ class DenseMixer(nn.Module):
     def __call__(self, x: jax.Array, train: bool, pe: jax.Array | None = None) -> jax.Array:
         k = (self.kernel_size, self.kernel_size)
         if self.deploy or not self.use_bn:
-            return DWConv(k, True, self.method, self.dtype, name="reparam" if self.deploy else "lk")(x)
+            return DWConv(k, True, self.method, self.dtype, name="reparam" if self.use_bn else "lk")(x)
         y = _conv_bn(x, k, "lk", train, self)
-        if self.small_kernel:
-            y = y + _conv_bn(x, (self.small_kernel,) * 2, "small", train, self)
+        if self.small_kernel:  # clipped to the large kernel (k=3 stages of small variants)
+            y = y + _conv_bn(x, (min(self.small_kernel, self.kernel_size),) * 2, "small", train, self)
         return y
 
 
