@@ -1,4 +1,8 @@
-"""Public depthwise-convolution entry points and the algorithm registry (skeleton: native only)."""
+"""Public depthwise-convolution entry points, the algorithm registry and the automatic choice.
+
+Each algorithm is `fn(x [N,H,W,C], kernel [kh,kw,1,C]) -> y [N,H,W,C]`; see native.py, shift.py, fft.py,
+boxsum.py. Dtypes: 'native' computes in x.dtype; the others accumulate in float32 and return x.dtype.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,58 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from repjax.nn.dwconv._common import check, cropped_size
+from repjax.nn.dwconv.boxsum import boxsum
+from repjax.nn.dwconv.fft import fft
+from repjax.nn.dwconv.native import native
+from repjax.nn.dwconv.shift import shift
 from repjax.registry import Registry
 
 METHODS: Registry = Registry("depthwise conv method")
+METHODS.register("native", native)
+METHODS.register("shift", shift)
+METHODS.register("fft", fft)
 
 
-def _check(x: jax.Array, kernel: jax.Array) -> None:
-    kh, kw, one, c = kernel.shape
-    if one != 1 or c != x.shape[-1] or kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"depthwise_conv needs x [N,H,W,C] and an odd-sized kernel [kh,kw,1,C]; "
-                         f"got x {x.shape}, kernel {kernel.shape}")
+@METHODS.register("boxsum")
+def boxsum_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A dense kernel is the piecewise kernel on the all-ones grid (correct, but only fast for coarse grids)."""
+    if kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"boxsum needs a square kernel, got {kernel.shape}")
+    return boxsum(x, kernel, (1,) * kernel.shape[0])
 
 
-@METHODS.register("native")
-def native(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """XLA's grouped convolution (feature_group_count = C): the reference algorithm."""
-    kh, kw, _, c = kernel.shape
-    return lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+# CPU thresholds, from experiments/bench_dwconv.py (results in experiments/results/bench_dwconv/results.json):
+# on 2 cores, fwd+bwd, 'fft' beat 'shift' and XLA's grouped conv already at K=3 on 56x56 maps and by >10x from K=7
+# (shift's forward is fast but its per-tap kernel-gradient reductions are slow in XLA:CPU), and it beat 'boxsum'
+# at every PeLK grid (boxsum's per-cell theta-gradient reductions dominate). 1x1 kernels are a plain multiply.
+CPU_SHIFT_MAX_K = 1
+# GPU/TPU: NOT measured here (no accelerator available). Assumed: the vendor grouped conv is good for small
+# kernels and FFT wins for large ones; re-measure with the benchmark and adjust.
+ACCEL_NATIVE_MAX_K = 13
 
 
-def choose(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> str:
-    """The algorithm 'auto' uses for these shapes on the current backend."""
-    return "native"
+def choose(x_shape: Sequence[int], kernel_shape: Sequence[int], backend: str | None = None) -> str:
+    """The algorithm 'auto' uses for a depthwise conv of these shapes on `backend` (default: jax's)."""
+    backend = backend or jax.default_backend()
+    k = max(cropped_size(kernel_shape[0], x_shape[1]), cropped_size(kernel_shape[1], x_shape[2]))
+    if backend == "cpu":
+        return "shift" if k <= CPU_SHIFT_MAX_K else "fft"
+    return "native" if k <= ACCEL_NATIVE_MAX_K else "fft"
+
+
+def choose_piecewise(x_shape: Sequence[int], sizes: Sequence[int], backend: str | None = None) -> str:
+    """The algorithm 'auto' uses in piecewise_conv. 'boxsum' costs O(k'^2 HW) multiply-adds against FFT's
+    O(HW log HW) per transform, but with autodiff its theta gradient is k'^2 reductions, which measured slower
+    than 'fft' on CPU at every PeLK grid; on accelerators it is unmeasured, so the dense choice is kept."""
+    k = sum(sizes)
+    return choose(x_shape, (k, k, 1, x_shape[-1]), backend)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, method: str = "auto") -> jax.Array:
-    """Depthwise 'same' convolution of x [N, H, W, C] with kernel [kh, kw, 1, C]."""
-    _check(x, kernel)
+    """Depthwise 'same' convolution (cross-correlation, like lax.conv) of x [N, H, W, C] with kernel [kh, kw, 1, C]."""
+    check(x, kernel)
     name = choose(x.shape, kernel.shape) if method == "auto" else method
     fn: Callable = METHODS.get(name)
     return fn(x, kernel)
@@ -53,5 +79,9 @@ def expand_piecewise(theta: jax.Array, sizes: Sequence[int]) -> jax.Array:
 
 
 def piecewise_conv(x: jax.Array, theta: jax.Array, sizes: Sequence[int], method: str = "auto") -> jax.Array:
-    """`depthwise_conv(x, expand_piecewise(theta, sizes))`, possibly without materialising the dense kernel."""
-    return depthwise_conv(x, expand_piecewise(theta, sizes), method)
+    """`depthwise_conv(x, expand_piecewise(theta, sizes))`; 'boxsum' never materialises the dense kernel."""
+    name = choose_piecewise(x.shape, sizes) if method == "auto" else method
+    if name == "boxsum":
+        check(x, jax.ShapeDtypeStruct((sum(sizes), sum(sizes), 1, theta.shape[-1]), theta.dtype))
+        return boxsum(x, theta, sizes)
+    return depthwise_conv(x, expand_piecewise(theta, sizes), name)
