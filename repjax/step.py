@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from repjax.optim.sparsity import apply_masks
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a training run carries from step to step (and saves in checkpoints)."""
@@ -32,12 +34,13 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, sample: jax.A
     """Initial state; jit it with `out_shardings` to create parameters directly in place."""
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
     variables = model.init({"params": init_key, "dropout": init_key}, sample, train=False)
-    params = variables["params"]
+    opt_state = tx.init(variables["params"])
+    params = apply_masks(variables["params"], opt_state)  # dynamic sparsity: sparse from step 0
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
+        opt_state=opt_state,
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         rng=state_key,
     )

@@ -8,7 +8,7 @@ import pytest
 from repjax import config as config_lib, models, optim
 from repjax.checkpoint import Checkpointer
 from repjax.optim import sparsity as sp
-from repjax.step import TrainState, make_train_step
+from repjax.step import init_state, make_train_step
 
 SPEC = ("dynamic_sparsity", {"sparsity": 0.5, "init": "uniform", "update_every": 3, "prune_rate": 0.3,
                              "schedule": "constant", "seed": 0})
@@ -130,9 +130,11 @@ def test_train_step_and_checkpoint_round_trip(tmp_path):
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
     spec = ("dynamic_sparsity", {**SPEC[1], "init": "erk", "sparsity": 0.6, "update_every": 2})
     tx, schedule = optim.build(_cfg([(r"kernel$", {"final_transforms": [spec]})]), v["params"], 10)
-    opt_state = tx.init(v["params"])
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=sp.apply_masks(v["params"], opt_state),
-                       batch_stats=v["batch_stats"], opt_state=opt_state, ema_params=None, rng=jax.random.PRNGKey(0))
+    state = init_state(model, tx, jnp.zeros((1, 8, 8, 3)), 0, False)
+    # init_state applies the masks: sparse from step 0
+    assert sp.density_report(state.params)["density"] == pytest.approx(0.4, abs=0.01)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(sp.apply_masks(state.params, state.opt_state))):
+        np.testing.assert_array_equal(x, y)
     step = jax.jit(make_train_step(model, tx, schedule))
     rng = np.random.default_rng(0)
     batches = [{"image": rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
