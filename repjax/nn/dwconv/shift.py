@@ -12,18 +12,35 @@ import jax.numpy as jnp
 
 from repjax.nn.dwconv._common import compute_dtype, crop_kernel
 
+UNROLL_TAPS = 81  # above this many taps, loop over kernel rows (compile time grows with unrolled taps)
+
+
+def _over_rows(fn, kh: int, kw: int):
+    """[fn(u) for u in range(kh)] stacked: unrolled for small kernels, lax.map over rows otherwise."""
+    if kh * kw <= UNROLL_TAPS:
+        return jnp.stack([fn(u) for u in range(kh)])
+    return jax.lax.map(fn, jnp.arange(kh))
+
 
 def _taps(x: jax.Array, k: jax.Array) -> jax.Array:
     """Correlation of x [N,H,W,C] with k [kh,kw,C] over a zero border of kh//2, kw//2."""
     kh, kw, _ = k.shape
     _, h, w, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    y = None
-    for u in range(kh):
+
+    def row(u, acc):
+        xr = jax.lax.dynamic_slice_in_dim(xp, u, h, axis=1)
         for v in range(kw):
-            t = xp[:, u:u + h, v:v + w, :] * k[u, v]
-            y = t if y is None else y + t
-    return y
+            acc = acc + xr[:, :, v:v + w, :] * k[u, v]
+        return acc
+
+    zero = jnp.zeros_like(x)
+    if kh * kw <= UNROLL_TAPS:
+        acc = zero
+        for u in range(kh):
+            acc = row(u, acc)
+        return acc
+    return jax.lax.fori_loop(0, kh, row, zero)
 
 
 @jax.custom_vjp
@@ -41,9 +58,12 @@ def _shift_bwd(res, dy: jax.Array):
     _, h, w, _ = x.shape
     dx = _taps(dy, k[::-1, ::-1])
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, u:u + h, v:v + w, :] * dy, axis=(0, 1, 2)) for v in range(kw)])
-                    for u in range(kh)])
-    return dx, dk
+
+    def row(u):
+        xr = jax.lax.dynamic_slice_in_dim(xp, u, h, axis=1)
+        return jnp.stack([jnp.sum(xr[:, :, v:v + w, :] * dy, axis=(0, 1, 2)) for v in range(kw)])
+
+    return dx, _over_rows(row, kh, kw)
 
 
 _shift.defvjp(_shift_fwd, _shift_bwd)
