@@ -19,8 +19,7 @@ from repjax.nn.dwconv.fft import fast_size
 RTOL, GRAD_RTOL = 1e-5, 2e-5
 FAST = ["shift", "fft", "boxsum", "auto"]
 # (N, H, W, C, K): odd/even, non-square maps, kernels larger than the map (51 on 14x14, 13 on 7x7).
-CASES = [(2, 6, 6, 3, 1), (2, 7, 5, 3, 3), (1, 8, 9, 4, 7), (2, 5, 6, 2, 13), (1, 14, 14, 2, 51), (2, 7, 7, 3, 13),
-         (1, 10, 16, 2, 9)]
+CASES = [(2, 6, 6, 3, 1), (2, 7, 5, 3, 3), (1, 8, 9, 4, 7), (2, 5, 6, 2, 13), (1, 14, 14, 2, 51), (2, 7, 7, 3, 13)]
 GRIDS = {13: (2, 2, 1, 1, 1, 1, 1, 2, 2), 51: (9, 8, 4, 2, 1, 1, 1, 1, 1, 2, 4, 8, 9), 17: (5, 2, 1, 1, 1, 2, 5),
          5: (2, 1, 2)}
 
@@ -182,3 +181,21 @@ def test_errors_and_fft_sizes():
     with pytest.raises(KeyError):
         depthwise_conv(x, jnp.zeros((3, 3, 1, 2)), "fftt")
     assert [fast_size(n) for n in (1, 11, 13, 81, 97, 143)] == [1, 12, 14, 81, 98, 144]
+
+
+def test_benchmark_quick_runs(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_dwconv.py"
+    spec = importlib.util.spec_from_file_location("bench_dwconv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.peripheral_grid(51, 2) == GRIDS[51]
+    assert bench.peripheral_grid(101, 3) == (17, 16, 8, 4, 2, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 16, 17)
+    assert bench.peripheral_grid(13, 2) == GRIDS[13]
+    bench.main(["--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["quick"] and len(report["results"]) == 3 and (tmp_path / "speedup.png").exists()
+    assert all(r["ms"]["auto"] > 0 and r["ms"]["torch"] > 0 for r in report["results"])
