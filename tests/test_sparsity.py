@@ -28,9 +28,9 @@ def _grads(i: int, tree: dict) -> dict:
 
 def _run(tx, params, steps: int):
     """Yields (params before, update, params after, state before, state after) for each step."""
-    state = tx.init(params)
+    state, update = tx.init(params), jax.jit(tx.update)  # jitted: eager dispatch made these tests slow
     for i in range(steps):
-        updates, new_state = tx.update(_grads(i, params), state, params)
+        updates, new_state = update(_grads(i, params), state, params)
         new_params = jax.tree.map(lambda p, u: p + u, params, updates)
         yield params, updates, new_params, state, new_state
         params, state = new_params, new_state
@@ -130,7 +130,7 @@ def test_train_step_and_checkpoint_round_trip(tmp_path):
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
     spec = ("dynamic_sparsity", {**SPEC[1], "init": "erk", "sparsity": 0.6, "update_every": 2})
     tx, schedule = optim.build(_cfg([(r"kernel$", {"final_transforms": [spec]})]), v["params"], 10)
-    state = init_state(model, tx, jnp.zeros((1, 8, 8, 3)), 0, False)
+    state = jax.jit(lambda: init_state(model, tx, jnp.zeros((1, 8, 8, 3)), 0, False))()
     # init_state applies the masks: sparse from step 0
     assert sp.density_report(state.params)["density"] == pytest.approx(0.4, abs=0.01)
     for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(sp.apply_masks(state.params, state.opt_state))):
