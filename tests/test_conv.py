@@ -92,3 +92,34 @@ def test_conv_bn_uses_chunked_conv_on_cpu(monkeypatch):
     model = ConvBN(4)
     model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
     assert calls if jax.default_backend() == "cpu" else not calls
+
+
+def test_depthwise_same_conv_goes_through_dwconv(monkeypatch):
+    """groups == channels, stride 1, centred padding -> repjax.nn.dwconv (same values and gradients as XLA's
+    grouped conv, max error 1e-5 of the scale); a strided or non-depthwise conv does not."""
+    from repjax.nn import conv as conv_mod, dwconv
+
+    calls = []
+    original = dwconv.depthwise_conv
+    monkeypatch.setattr(conv_mod.dwconv, "depthwise_conv", lambda *a: calls.append(1) or original(*a))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, 6)), jnp.float32)
+    dw = conv_mod.Conv(6, (5, 5), padding=((2, 2), (2, 2)), feature_group_count=6, chunked=False)
+    v = dw.init(jax.random.PRNGKey(0), x)
+
+    def ref(v, x):
+        return jax.lax.conv_general_dilated(x, v["params"]["kernel"], (1, 1), ((2, 2), (2, 2)), feature_group_count=6,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+
+    def grads(f):
+        return jax.grad(lambda v, x: jnp.sum(f(v, x) ** 2), argnums=(0, 1))(v, x)
+
+    np.testing.assert_allclose(dw.apply(v, x), ref(v, x), atol=1e-5)
+    g, g_ref = grads(dw.apply), grads(ref)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
+    assert calls
+    calls.clear()
+    conv_mod.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=6).init(jax.random.PRNGKey(0), x)
+    conv_mod.Conv(6, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=3).init(jax.random.PRNGKey(0), x)
+    assert not calls

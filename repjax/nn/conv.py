@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from repjax.nn import dwconv
+
 Padding = str | Sequence[tuple[int, int]]
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CHUNK_ELEMENTS = 2**17  # input elements per batch chunk (512 KiB of float32): measured best on XLA:CPU
@@ -72,6 +74,14 @@ def _bwd(strides, padding, groups, residuals, dy):
 chunked_conv.defvjp(_fwd, _bwd)
 
 
+def _is_depthwise_same(cin: int, cout: int, groups: int, ksize: tuple[int, int], strides: tuple[int, ...],
+                       padding: Padding) -> bool:
+    kh, kw = ksize
+    centred = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    return (groups == cin == cout > 1 and kh % 2 == 1 and kw % 2 == 1 and tuple(strides) == (1, 1)
+            and (padding == "SAME" or padding == centred))
+
+
 def chunked_default() -> bool:
     """Whether `Conv` chunks its weight gradient when not told: REPJAX_CONV_CHUNKED, else on the CPU backend."""
     env = os.environ.get("REPJAX_CONV_CHUNKED", "").strip().lower()
@@ -87,6 +97,8 @@ class Conv(nn.Module):
 
     Supports what this project's models use: explicit or string padding, strides, feature groups.
     `chunked`: weight gradient over batch chunks (`chunked_conv`); None picks `chunked_default()`.
+    A depthwise 'same' convolution (groups == in == out channels, stride 1, odd kernel, centred zero padding)
+    goes through `repjax.nn.dwconv.depthwise_conv` with `depthwise_method` (the project's one depthwise op).
     """
 
     features: int
@@ -100,6 +112,7 @@ class Conv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
     chunked: bool | None = None
+    depthwise_method: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +128,9 @@ class Conv(nn.Module):
         dtype = self.dtype or jnp.result_type(x, kernel)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         chunked = chunked_default() if self.chunked is None else self.chunked
-        if chunked and num_chunks(x.shape) > 1:
+        if _is_depthwise_same(x.shape[-1], self.features, groups, (kh, kw), strides, padding):
+            y = dwconv.depthwise_conv(x, kernel, self.depthwise_method)
+        elif chunked and num_chunks(x.shape) > 1:
             y = chunked_conv(x, kernel, strides, padding, groups)
         else:
             y = _conv(x, kernel, strides, padding, groups)
