@@ -4,8 +4,9 @@
     python experiments/bench_dwconv.py --quick    # tiny shapes, seconds
 
 Every runner computes y = conv(x, k) and the gradients of <y, g> w.r.t. x and the kernel (theta for the piecewise
-rows), jitted (torch: eager), timed with block_until_ready, median of `repeats` after one warm-up call. XLA's
-grouped conv and PyTorch are so slow at large K that they are timed on a slice of the batch (and of the channels
+rows), jitted (torch: eager), timed with block_until_ready, best of `repeats` after warm-up (the machine is
+shared: the minimum is the least disturbed run, taken alike for every framework). XLA's grouped conv and
+PyTorch are so slow at large K that they are timed on a slice of the batch (and of the channels
 when one image still costs more than BUDGET_MACS); their time is then scaled linearly by (N*C)/(n*c) -- every
 group/image is independent work -- and the row says so ('scaled'). Ratios are per full batch, measured in one run.
 PeLK-T conv channels: int(3/8 * w) of widths int(1.3 * [96,192,384,768]) = [124,249,499,998] -> [46,93,187,374];
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +66,7 @@ def _time(fn, args, repeats: int) -> float:
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def _jax_runner(conv, x, w, g, repeats):
@@ -122,7 +122,7 @@ def _torch_time(x, k, g, repeats) -> float:
         t = time.perf_counter()
         step()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts[2:])
+    return min(ts[2:])
 
 
 def _baseline_slice(n: int, c: int, h: int, k: int) -> tuple[int, int]:
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("\n".join(table(rows).splitlines()[1:]), flush=True)
     report = {"backend": jax.default_backend(), "threads": THREADS, "quick": args.quick,
               "command": "python experiments/bench_dwconv.py" + (" --quick" if args.quick else ""),
-              "units": "ms per fwd+bwd of the full batch (median)", "seconds": time.time() - t0, "results": results}
+              "units": "ms per fwd+bwd of the full batch (best of repeats)", "seconds": time.time() - t0,
+              "results": results}
     print(table(results))
     print(f"total {report['seconds']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
