@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from repjax import bench, checkpoint, config as config_lib, models, sharding
-from repjax.build import build
+from repjax import bench, config as config_lib, models, sharding
+from repjax.build import restore_variables
 from repjax.evals import erf as erf_lib
 from repjax.evals.cost import param_count
 from repjax.train import train
@@ -59,12 +59,6 @@ def _config(name: str, args: argparse.Namespace, kernels: tuple[int, ...], steps
     c.checkpoint_every_steps = max(steps // 4, 1)
     c.log_every_steps = max(steps // 40, 1)
     return c
-
-
-def _restore(config, workdir: pathlib.Path, shape: tuple[int, ...]) -> dict[str, Any]:
-    built = build(config, 10, shape, sharding.make_mesh(config.mesh))
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        return ckpt.restore(built.abstract_state)[1].variables()
 
 
 def mixer_params(params: Any) -> int:
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "batch": args.batch, "image_size": args.image_size, "kernels": kernels, "dims": DIMS}
     erf_size = 2 * args.image_size
     for name, c in configs.items():
-        trained = _restore(c, workdirs[name], shape)
+        trained = restore_variables(c, workdirs[name], 10, shape)
         model = models.create(c.model.name, num_classes=10, **c.model.kwargs)
         erf = erf_lib.erf(model, trained, c, mesh, image_size=erf_size, num_images=4 if args.quick else args.erf_images,
                           save=str(out / f"erf_{name}"))

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from repjax import bench, checkpoint, config as config_lib, data, models, sharding
-from repjax.build import build
+from repjax import bench, config as config_lib, data, models, sharding
+from repjax.build import restore_variables
 from repjax.evals import classification
 from repjax.evals.cost import param_count
 from repjax.models import repmlp
@@ -46,12 +46,6 @@ def _config(name: str, epochs: float, batch: int, baseline: str) -> Any:
     c.checkpoint_every_steps = max(steps // 4, 1)
     c.log_every_steps = max(steps // 40, 1)
     return c
-
-
-def _restore(config, workdir: pathlib.Path) -> dict[str, Any]:
-    built = build(config, 10, SHAPE, sharding.make_mesh(config.mesh))
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        return ckpt.restore(built.abstract_state)[1].variables()
 
 
 def plot(out: pathlib.Path, results: dict[str, Any], workdirs: dict[str, pathlib.Path]) -> None:
@@ -104,10 +98,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pp = configs["with_local"].data.eval_pp
     train_model = models.create("repmlpnet_cifar", num_classes=10)
     deploy_model = models.create("repmlpnet_cifar", num_classes=10, deploy=True)
-    trained = _restore(configs["with_local"], workdirs["with_local"])
+    trained = restore_variables(configs["with_local"], workdirs["with_local"], 10, SHAPE)
     deployed = repmlp.reparameterize(trained, model=train_model)
     deploy_eval = classification.evaluate(deploy_model, deployed, test, batch_size=500, pp=pp, mesh=mesh)
-    params = {name: param_count(_restore(c, workdirs[name])["params"]) for name, c in configs.items()}
+    params = {name: param_count(restore_variables(c, workdirs[name], 10, SHAPE)["params"])
+              for name, c in configs.items()}
 
     results: dict[str, Any] = {"quick": args.quick, "epochs": epochs, "batch": args.batch,
                                "baseline": args.baseline, "deploy_params": param_count(deployed["params"])}

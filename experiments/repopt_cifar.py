@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from repjax import bench, checkpoint, config as config_lib, data, models, sharding
-from repjax.build import build
+from repjax import bench, config as config_lib, data, models, sharding
+from repjax.build import restore_variables
 from repjax.evals import classification, quantization
 from repjax.models import repopt_vgg, repvgg
 from repjax.optim.repopt import NO_DECAY, save_scales
@@ -52,13 +52,6 @@ def _config(mode: str, steps: int, batch: int, scales: str = "") -> Any:
         c.optim.rules = [(NO_DECAY + r"|(^|/)rbr_identity/", {"weight_decay": 0.0})]
         c.optim.clip_norm = 0.0  # as the RepOpt target run
     return c
-
-
-def _restore(config, workdir: pathlib.Path) -> dict[str, Any]:
-    """Final variables of a finished run."""
-    built = build(config, 10, (32, 32, 3), sharding.make_mesh(config.mesh))
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        return ckpt.restore(built.abstract_state)[1].variables()
 
 
 def side_by_side(configs: dict[str, Any], batch: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -134,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {name: train(cfg, workdirs[name]) for name, cfg in configs.items()}
 
     # Deploy forms: one architecture for both.
-    deploy = {"repopt": repopt_vgg.to_deploy(_restore(configs["repopt"], workdirs["repopt"])),
-              "repvgg": repvgg.reparameterize(_restore(configs["repvgg"], workdirs["repvgg"]))}
+    trained = {name: restore_variables(configs[name], workdirs[name], 10, (32, 32, 3)) for name in configs}
+    deploy = {"repopt": repopt_vgg.to_deploy(trained["repopt"]), "repvgg": repvgg.reparameterize(trained["repvgg"])}
     mesh = sharding.make_mesh([("data", -1)])
     test = data.get_source(f"folder:{CIFAR}", "test")
     train_source = data.get_source(f"folder:{CIFAR}", "train")

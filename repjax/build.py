@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -58,3 +60,16 @@ def load_init(config, state: TrainState, state_sharding: Any) -> TrainState:
     params = jax.device_put(variables["params"], state_sharding.params)
     batch_stats = jax.device_put(variables.get("batch_stats", {}), state_sharding.batch_stats)
     return state.replace(params=params, batch_stats=batch_stats)
+
+
+def restore_variables(config, workdir: str | os.PathLike, num_classes: int, image_shape: tuple[int, ...],
+                      step: int | None = None) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of a run's checkpoint (the latest, or `step`), on one process's mesh."""
+    from repjax import checkpoint
+
+    built = build(config, num_classes, image_shape, sharding.make_mesh(config.mesh))
+    with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+        restored = ckpt.restore(built.abstract_state, step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    return restored[1].variables()

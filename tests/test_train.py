@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from repjax import checkpoint, config as config_lib, sharding, train as train_lib
-from repjax.build import build
+from repjax.build import build, restore_variables
 from repjax.metrics import read_metrics
 
 
@@ -57,8 +57,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert part["status"] == "stopped" and part["step"] == 5
     resumed = train_lib.train(config, tmp_path / "split")
     assert resumed["step"] == full["step"] == 12
-    _assert_same_state(_final_params(tmp_path / "full", config)[1], _final_params(tmp_path / "split", config)[1])
+    final = _final_params(tmp_path / "full", config)[1]
+    _assert_same_state(final, _final_params(tmp_path / "split", config)[1])
     assert resumed["test/top1"] == full["test/top1"]
+    _assert_same_state(final.variables(), restore_variables(config, tmp_path / "split", 10, (8, 8, 1)))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore_variables(config, tmp_path / "empty", 10, (8, 8, 1))
     # Metrics of the resumed run continue where the first part stopped.
     steps = [r["step"] for r in read_metrics(tmp_path / "split") if "train/loss" in r]
     assert steps == [2, 4, 5, 6, 8, 10, 12]
