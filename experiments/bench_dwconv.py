@@ -29,30 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from repjax.nn.dwconv import choose, choose_piecewise, depthwise_conv, expand_piecewise, piecewise_conv
+from repjax.nn.peripheral import sharing_grid
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_dwconv"
 THREADS = 2  # torch threads; XLA:CPU uses every core of this 2-core machine
 BUDGET_MACS = 1.5e8  # baselines: largest N*C*H*W*K^2 timed per call (XLA grouped conv runs ~0.05 GMAC/s fwd+bwd)
 
 
-def peripheral_grid(k: int, r_c: int) -> tuple[int, ...]:
-    """PeLK Eq. 2 with m = 2: 2r_c+1 central 1-cells, then 2, 4, 8, ..., the outermost clipped to what remains."""
-    rest, size, half = (k - 1) // 2 - r_c, 2, []
-    while rest > 0:
-        half.append(min(size, rest))
-        rest -= half[-1]
-        size *= 2
-    half = [1] * r_c + half
-    return (*half[::-1], 1, *half)
-
-
 def shapes(quick: bool) -> list[dict]:
     if quick:
         return [dict(name="quick K7", n=2, h=14, c=8, k=7, grid=None),
-                dict(name="quick K13", n=2, h=12, c=8, k=13, grid=peripheral_grid(13, 2))]
-    rows = [dict(name=f"PeLK-T s{i + 1} {h}x{h}x{c} K{k}", n=8, h=h, c=c, k=k, grid=peripheral_grid(k, 2))
+                dict(name="quick K13", n=2, h=12, c=8, k=13, grid=sharing_grid(13, 2))]
+    rows = [dict(name=f"PeLK-T s{i + 1} {h}x{h}x{c} K{k}", n=8, h=h, c=c, k=k, grid=sharing_grid(k, 2))
             for i, (h, c, k) in enumerate([(56, 46, 51), (28, 93, 49), (14, 187, 47), (7, 374, 13)])]
-    rows += [dict(name="PeLK-101 s1 96x96x62 K101", n=8, h=96, c=62, k=101, grid=peripheral_grid(101, 3)),
+    rows += [dict(name="PeLK-101 s1 96x96x62 K101", n=8, h=96, c=62, k=101, grid=sharing_grid(101, 3)),
              dict(name="issue 56x56x128 K51", n=8, h=56, c=128, k=51, grid=None),
              dict(name="ConvNeXt-T s1 56x56x96 K7", n=8, h=56, c=96, k=7, grid=None)]
     rows += [dict(name=f"sweep 56x56x96 K{k}", n=8, h=56, c=96, k=k, grid=None) for k in (1, 3, 5)]

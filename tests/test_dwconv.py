@@ -192,9 +192,6 @@ def test_benchmark_quick_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_dwconv", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.peripheral_grid(51, 2) == GRIDS[51]
-    assert bench.peripheral_grid(101, 3) == (17, 16, 8, 4, 2, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 16, 17)
-    assert bench.peripheral_grid(13, 2) == GRIDS[13]
     bench.main(["--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["quick"] and len(report["results"]) == 3 and (tmp_path / "speedup.png").exists()
