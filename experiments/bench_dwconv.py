@@ -128,7 +128,7 @@ def bench(row: dict, repeats: int, torch_ms: float) -> list[dict]:
     rng = np.random.default_rng(1)
     x, g, w = (jnp.asarray(a) for a in _data(row))
     out = {"shape": row["name"], "path": "dense", "auto_choice": choose(x.shape, w.shape), "ms": {}}
-    methods = ["auto", "fft"] + (["shift"] if k <= 13 else [])
+    methods = ["auto", "fft"] + (["shift"] if k <= 13 else []) + (["matmul"] if row["h"] ** 2 <= 256 else [])
     for m in methods:
         out["ms"][m] = 1e3 * _jax_runner(lambda a, b, m=m: depthwise_conv(a, b, m), x, w, g, repeats)
     xs, gs, ws, sl = (jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in _sliced(row))
@@ -142,7 +142,7 @@ def bench(row: dict, repeats: int, torch_ms: float) -> list[dict]:
         theta = jnp.asarray(rng.standard_normal((len(sizes), len(sizes), 1, c)) * 0.05, jnp.float32)
         pw = {"shape": row["name"], "path": f"piecewise k'={len(sizes)}", "grid": list(sizes),
               "auto_choice": choose_piecewise(x.shape, sizes), "ms": {}, "baseline_slice": out["baseline_slice"]}
-        for m in ("auto", "fft", "boxsum"):
+        for m in ("auto", "fft", "boxsum") + (("matmul",) if row["h"] ** 2 <= 256 else ()):
             pw["ms"][m] = 1e3 * _jax_runner(lambda a, t, m=m: piecewise_conv(a, t, sizes, m), x, theta, g, repeats)
         # baselines convolve the expanded dense kernel: same cost as the dense row (the expansion is negligible)
         pw["ms"]["xla_native"], pw["ms"]["torch"] = out["ms"]["xla_native"], out["ms"]["torch"]
@@ -152,7 +152,7 @@ def bench(row: dict, repeats: int, torch_ms: float) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["auto", "fft", "shift", "boxsum", "xla_native", "torch"]
+    cols = ["auto", "fft", "shift", "matmul", "boxsum", "xla_native", "torch"]
     lines = [f"{'shape':30s} {'path':16s} {'auto=':6s} " + " ".join(f"{c:>10s}" for c in cols)
              + f" {'native/auto':>11s} {'torch/auto':>10s}"]
     for r in results:

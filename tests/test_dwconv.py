@@ -17,7 +17,7 @@ from repjax.nn.dwconv.boxsum import cells
 from repjax.nn.dwconv.fft import fast_size
 
 RTOL, GRAD_RTOL = 1e-5, 2e-5
-FAST = ["shift", "fft", "boxsum", "auto"]
+FAST = ["shift", "fft", "boxsum", "matmul", "auto"]
 # (N, H, W, C, K): odd/even, non-square maps, kernels larger than the map (51 on 14x14, 13 on 7x7).
 CASES = [(2, 6, 6, 3, 1), (2, 7, 5, 3, 3), (1, 8, 9, 4, 7), (2, 5, 6, 2, 13), (1, 14, 14, 2, 51), (2, 7, 7, 3, 13)]
 GRIDS = {13: (2, 2, 1, 1, 1, 1, 1, 2, 2), 51: (9, 8, 4, 2, 1, 1, 1, 1, 1, 2, 4, 8, 9), 17: (5, 2, 1, 1, 1, 2, 5),
@@ -123,12 +123,12 @@ def test_theta_grad_is_region_sum_of_dense_grad():
     g = np.asarray(g_dense)
     ref = np.array([[g[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].sum(axis=(0, 1)) for b in range(9)]
                     for a in range(9)])
-    for method in ("native", "fft", "boxsum", "auto"):
+    for method in ("native", "fft", "boxsum", "matmul", "auto"):
         _, (_, g_theta) = _vjp(lambda a, t, m=method: piecewise_conv(a, t, sizes, m), x, theta)
         _close(g_theta, ref, GRAD_RTOL)
 
 
-@pytest.mark.parametrize("method", ["boxsum", "fft", "shift", "auto"])
+@pytest.mark.parametrize("method", ["boxsum", "fft", "shift", "matmul", "auto"])
 @pytest.mark.parametrize("case", [(2, 7, 7, 3, 13), (1, 14, 14, 2, 51), (2, 9, 12, 2, 17), (1, 6, 5, 3, 51),
                                   (2, 4, 4, 2, 5)], ids=lambda c: "x".join(map(str, c)))
 def test_piecewise_matches_native(method, case):
@@ -165,10 +165,13 @@ def test_choose():
     assert choose((8, 56, 56, 96), (7, 7, 1, 96), "cpu") == "fft"
     assert choose((8, 56, 56, 96), (1, 1, 1, 96), "cpu") == "shift"
     assert choose((8, 1, 1, 96), (51, 51, 1, 96), "cpu") == "shift"  # cropped to 1x1
+    assert choose((8, 7, 7, 374), (13, 13, 1, 374), "cpu") == "matmul"  # small map: one hw x hw matrix
+    assert choose((8, 14, 14, 187), (47, 47, 1, 187), "cpu") == "fft"
     assert choose((8, 56, 56, 96), (7, 7, 1, 96), "gpu") == "native"
     assert choose((8, 56, 56, 96), (51, 51, 1, 96), "gpu") == "fft"
     assert choose_piecewise((8, 56, 56, 46), GRIDS[51], "cpu") == "fft"
-    assert set(METHODS.names()) == {"native", "shift", "fft", "boxsum"}
+    assert choose_piecewise((8, 7, 7, 374), GRIDS[13], "cpu") == "matmul"
+    assert set(METHODS.names()) == {"native", "shift", "fft", "boxsum", "matmul"}
 
 
 def test_errors_and_fft_sizes():
