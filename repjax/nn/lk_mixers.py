@@ -1,6 +1,6 @@
 """Depthwise large-kernel spatial mixers (training and deploy forms) and their re-parameterization.
 
-    DWConv          plain depthwise conv (+ bias): ConvNeXt's 7x7 mixer; the deploy form of dense / stripe.
+    depthwise       plain depthwise conv (+ bias): ConvNeXt's 7x7 mixer; the deploy form of dense / stripe.
     DenseMixer      k x k (+ parallel s x s) depthwise conv, each branch -> BN (RepLKNet, PeLK Tab. 1 "dense").
     StripeMixer     SLaK: k x s + s x k + s x s depthwise branches, each -> BN, summed.
     PeripheralMixer PeLK: partial split, peripheral k x k kernel (theta form) -> BN, + s x s -> BN, stage PE.
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from repjax.nn import dwconv, peripheral as pk
+from repjax.nn.conv import Conv
 from repjax.nn.layers import batch_norm
 from repjax.nn.reparam import fuse_conv_bn, merge_branches, pad_kernel
 
@@ -31,27 +32,18 @@ Dtype = Any
 trunc02 = nn.initializers.truncated_normal(0.02)
 
 
-class DWConv(nn.Module):
-    """Depthwise 'same' conv, kernel [kh, kw, 1, C] (+ bias [C]), through `dwconv.depthwise_conv`."""
-
-    kernel_size: tuple[int, int]
-    use_bias: bool = True
-    method: str = "auto"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        k = self.param("kernel", trunc02, (*self.kernel_size, 1, c), jnp.float32)
-        y = dwconv.depthwise_conv(x, k.astype(self.dtype), self.method)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
-        return y
+def depthwise(channels: int, kernel_size: tuple[int, int], use_bias: bool, method: str, dtype: Dtype,
+              name: str) -> Conv:
+    """Depthwise 'same' conv `name` (variables `kernel` [kh, kw, 1, C], optional `bias` [C]): a
+    `repjax.nn.conv.Conv`, which routes depthwise convs to `repjax.nn.dwconv` with `method`."""
+    kh, kw = kernel_size
+    return Conv(channels, (kh, kw), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)), feature_group_count=channels,
+                use_bias=use_bias, dtype=dtype, kernel_init=trunc02, depthwise_method=method, name=name)
 
 
 def _conv_bn(x: jax.Array, ks: tuple[int, int], name: str, train: bool, mod: nn.Module) -> jax.Array:
     """Depthwise conv (no bias) `name` -> BN `name_bn`, created inside `mod`'s compact method."""
-    y = DWConv(ks, False, mod.method, mod.dtype, name=name)(x)
+    y = depthwise(x.shape[-1], ks, False, mod.method, mod.dtype, name)(x)
     return batch_norm(train, mod.dtype, name=f"{name}_bn")(y)
 
 
@@ -70,7 +62,7 @@ class DenseMixer(nn.Module):
     def __call__(self, x: jax.Array, train: bool, pe: jax.Array | None = None) -> jax.Array:
         k = (self.kernel_size, self.kernel_size)
         if self.deploy or not self.use_bn:
-            return DWConv(k, True, self.method, self.dtype, name="reparam" if self.use_bn else "lk")(x)
+            return depthwise(x.shape[-1], k, True, self.method, self.dtype, "reparam" if self.use_bn else "lk")(x)
         y = _conv_bn(x, k, "lk", train, self)
         if self.small_kernel:  # clipped to the large kernel (k=3 stages of small variants)
             y = y + _conv_bn(x, (min(self.small_kernel, self.kernel_size),) * 2, "small", train, self)
@@ -90,7 +82,7 @@ class StripeMixer(nn.Module):
     def __call__(self, x: jax.Array, train: bool, pe: jax.Array | None = None) -> jax.Array:
         k, s = self.kernel_size, self.small_kernel
         if self.deploy:
-            return DWConv((k, k), True, self.method, self.dtype, name="reparam")(x)
+            return depthwise(x.shape[-1], (k, k), True, self.method, self.dtype, "reparam")(x)
         y = _conv_bn(x, (k, s), "lk_h", train, self) + _conv_bn(x, (s, k), "lk_w", train, self)
         return y + _conv_bn(x, (s, s), "small", train, self)
 
@@ -138,7 +130,7 @@ class PeripheralMixer(nn.Module):
         else:
             y = batch_norm(train, self.dtype, name="lk_bn")(y)
             if s:
-                small = DWConv((s, s), False, self.method, self.dtype, name="small")
+                small = depthwise(xg.shape[-1], (s, s), False, self.method, self.dtype, "small")
                 z = small(xg)
                 z = z + self._pe(small.variables["params"]["kernel"].astype(self.dtype), _centre(pe, s), hw)
                 y = y + batch_norm(train, self.dtype, name="small_bn")(z)
