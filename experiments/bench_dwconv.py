@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repjax.nn.dwconv import choose, choose_piecewise, depthwise_conv, expand_piecewise, piecewise_conv
-from repjax.nn.peripheral import sharing_grid
+from repjax.projects.pelk.peripheral import sharing_grid
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_dwconv"
 THREADS = 2  # torch threads; XLA:CPU uses every core of this 2-core machine

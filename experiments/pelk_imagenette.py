@@ -4,7 +4,7 @@
 
 One ConvNeXt-style backbone (`convnext_imagenette` layout: stem 4x4/4, depths 2-2-4-2, widths 48-384 for
 all four, so only the depthwise mixer differs), trained with the same recipe and budget
-(configs/lk_imagenette.py) at a resolution the CPU can train:
+(configs/pelk/lk_imagenette.py) at a resolution the CPU can train:
   small   7x7 depthwise conv (ConvNeXt)
   dense   dense KxK + parallel 5x5, each with BN (PeLK Table 1's dense baseline)
   stripe  Kx5 + 5xK + 5x5, each with BN (SLaK, no dynamic sparsity)
@@ -50,7 +50,7 @@ def variant(name: str, kernels: tuple[int, ...]) -> tuple[str, dict[str, Any]]:
 
 def _config(name: str, args: argparse.Namespace, kernels: tuple[int, ...], steps: int) -> Any:
     model, kwargs = variant(name, kernels)
-    c = config_lib.load(f"{REPO / 'configs/lk_imagenette.py'}:model={model},image_size={args.image_size},"
+    c = config_lib.load(f"{REPO / 'configs/pelk/lk_imagenette.py'}:model={model},image_size={args.image_size},"
                         f"batch={args.batch},data=folder:{IMAGENETTE}")
     c.model.kwargs.update(kwargs)
     c.total_steps = steps

@@ -24,7 +24,7 @@ from repjax import bench, config as config_lib, data, models, sharding
 from repjax.build import restore_variables
 from repjax.evals import classification
 from repjax.evals.cost import param_count
-from repjax.models import repmlp
+from repjax.projects.repmlp import repmlp
 from repjax.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ def _config(name: str, epochs: float, batch: int, baseline: str) -> Any:
         c = config_lib.load(f"{REPO / 'configs/resnet_cifar10.py'}:depth={baseline.removeprefix('resnet')},"
                             f"{data_arg}")
     else:
-        c = config_lib.load(f"{REPO / 'configs/repmlpnet_cifar.py'}:local={int(name == 'with_local')},{data_arg}")
+        local = int(name == "with_local")
+        c = config_lib.load(f"{REPO / 'configs/repmlp/repmlpnet_cifar.py'}:local={local},{data_arg}")
     steps = int(epochs * 50_000 / batch)
     c.total_steps = steps
     c.optim.warmup_steps = max(steps // 10, 1)

@@ -24,9 +24,10 @@ import numpy as np
 
 from repjax import bench, config as config_lib, data, models, sharding
 from repjax.build import restore_variables
-from repjax.evals import classification, quantization
-from repjax.models import repopt_vgg, repvgg
-from repjax.optim.repopt import NO_DECAY, save_scales
+from repjax.evals import classification
+from repjax.projects.repopt import repopt_vgg, repvgg
+from repjax.projects.repopt.grad_mult import NO_DECAY, save_scales
+from repjax.projects.repopt.quant import evaluator as quantization
 from repjax.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,10 +37,10 @@ ARCH = dict(num_blocks=(2, 2, 2), widths=(16, 16, 32, 64), strides=(1, 1, 2, 2))
 
 
 def _config(mode: str, steps: int, batch: int, scales: str = "") -> Any:
-    """The RepOpt CIFAR recipe (configs/repopt_vgg_cifar.py) at this experiment's size and budget."""
+    """The RepOpt CIFAR recipe (configs/repopt/repopt_vgg_cifar.py) at this experiment's size and budget."""
     arg = f"mode={'target' if mode == 'target' else 'hs'},batch={batch},data=folder:{CIFAR}"
     arg += f",scales={scales}" if scales else ""
-    c = config_lib.load(f"{REPO / 'configs/repopt_vgg_cifar.py'}:{arg}")
+    c = config_lib.load(f"{REPO / 'configs/repopt/repopt_vgg_cifar.py'}:{arg}")
     c.model.kwargs.update(ARCH)
     c.total_steps = steps
     c.optim.warmup_steps = steps // 20

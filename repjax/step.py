@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from repjax.optim.sparsity import apply_masks
+from repjax.optim.hooks import apply_init_hooks
 
 
 class TrainState(struct.PyTreeNode):
@@ -35,7 +35,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, sample: jax.A
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
     variables = model.init({"params": init_key, "dropout": init_key}, sample, train=False)
     opt_state = tx.init(variables["params"])
-    params = apply_masks(variables["params"], opt_state)  # dynamic sparsity: sparse from step 0
+    params = apply_init_hooks(variables["params"], opt_state)  # e.g. dynamic sparsity: sparse from step 0
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

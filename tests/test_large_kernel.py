@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax.models import create, lk_convnext as lkc, names, replknet as rlk
-from repjax.nn import peripheral as pk
+from repjax.models import create, names
+from repjax.projects.pelk import lk_convnext as lkc, peripheral as pk, replknet as rlk
 
 REL_TOL = 1e-5
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax.nn import dwconv, lk_mixers as lkm, peripheral as pk
+from repjax.nn import dwconv
 from repjax.nn.reparam import pad_kernel
+from repjax.projects.pelk import lk_mixers as lkm, peripheral as pk
 
 # (k, r_c, half grid outer -> centre, k', ratio rounded) -- spec table 1.1 (Fig. 1b, Tab. 5 #5, Tab. 6, PeLK-101)
 GRIDS = [

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax import config as config_lib, data, evals, quant, sharding
-from repjax.evals import classification, quantization
+from repjax import config as config_lib, data, evals, sharding
+from repjax.evals import classification
 from repjax.models import small_cnn
+from repjax.projects.repopt import quant
+from repjax.projects.repopt.quant import evaluator as quantization
 
 # ----------------------------------------------------------------------------------------------------------
 # Quantizers
@@ -253,7 +255,7 @@ def test_int8_ptq_evaluator_on_digits():
 
 
 def test_repvgg_deploy_form_needs_no_model_change():
-    from repjax.models import repvgg
+    from repjax.projects.repopt import repvgg
 
     train_model, deploy_model = repvgg.repvgg_tiny(), repvgg.repvgg_tiny(deploy=True)
     x = np.random.default_rng(6).normal(size=(4, 16, 16, 3)).astype(np.float32)

@@ -13,8 +13,9 @@ import pytest
 from jax import lax
 
 from repjax.io import IMPORTERS, torch as tio
-from repjax.models import create, repmlp as rm
+from repjax.models import create
 from repjax.nn.locality import conv_to_fc, conv_to_fc_onehot
+from repjax.projects.repmlp import repmlp as rm
 
 REL_TOL = 1e-5
 

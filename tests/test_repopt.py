@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from repjax import config as config_lib, models, optim
-from repjax.models import repopt_vgg as rv
-from repjax.optim import repopt
+from repjax.projects.repopt import grad_mult as repopt, repopt_vgg as rv
 from repjax.step import TrainState, make_train_step
 
 NUM_CLASSES = 5
@@ -404,22 +403,22 @@ def test_param_counts_match_readme(name, millions):
 
 
 def test_configs_load_and_build(tmp_path):
-    hs = config_lib.load("configs/repopt_vgg_cifar.py:mode=hs,epochs=1")
+    hs = config_lib.load("configs/repopt/repopt_vgg_cifar.py:mode=hs,epochs=1")
     assert hs.model.kwargs.mode == "hs" and hs.optim.clip_norm == 5.0
     model = models.create(hs.model.name, num_classes=10, **hs.model.kwargs)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     optim.build(hs.optim, abstract, hs.total_steps)
     scales = rv.extract_scales(jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract), model)
     repopt.save_scales(tmp_path / "scales.npz", scales)
-    tgt = config_lib.load(f"configs/repopt_vgg_cifar.py:mode=target,epochs=1,scales={tmp_path / 'scales.npz'}")
+    tgt = config_lib.load(f"configs/repopt/repopt_vgg_cifar.py:mode=target,epochs=1,scales={tmp_path / 'scales.npz'}")
     assert tgt.optim.clip_norm == 0.0 and tgt.optim.nesterov
     model = models.create(tgt.model.name, num_classes=10, **tgt.model.kwargs)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     optim.build(tgt.optim, abstract, tgt.total_steps)
     with pytest.raises(ValueError, match="scales"):
-        config_lib.load("configs/repopt_vgg_cifar.py:mode=target")
+        config_lib.load("configs/repopt/repopt_vgg_cifar.py:mode=target")
     for name in ("b1", "b2", "l1", "l2"):
-        c = config_lib.load(f"configs/repopt_vgg_{name}.py:scales=x.npz,data=folder:/data/imagenet")
+        c = config_lib.load(f"configs/repopt/repopt_vgg_{name}.py:scales=x.npz,data=folder:/data/imagenet")
         assert c.model.name == f"repopt_vgg_{name}" and c.model.kwargs.init_scales == "x.npz"
         assert c.data.source == "folder:/data/imagenet" and c.optim.clip_norm == 0.0
 

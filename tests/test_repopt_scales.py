@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from repjax.io.repopt_scales import ScaleFileError, load_repopt_scales, save_repopt_scales
+from repjax.projects.repopt.scales import ScaleFileError, load_repopt_scales, save_repopt_scales
 
 B1_BLOCKS = (4, 6, 16, 1)
 
@@ -114,7 +114,7 @@ def test_prefix_shape_and_length_errors(tmp_path):
 
 
 def test_reads_npz_with_block_slash_letter_keys(tmp_path):
-    """The `<block>/<s|t|d>` layout of `repjax.optim.repopt.save_scales` reads the same."""
+    """The `<block>/<s|t|d>` layout of `repjax.projects.repopt.grad_mult.save_scales` reads the same."""
     blocks = _layout((2, 1, 1, 1))
     state = _official(blocks)
     letters = {"conv": "s", "1x1": "t", "identity": "d"}

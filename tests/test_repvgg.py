@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax.models import MODELS, repvgg as rv
+from repjax.models import MODELS
+from repjax.projects.repopt import repvgg as rv
 
 REL_TOL = 1e-5
 X_SHAPE = (2, 32, 32, 3)

@@ -7,7 +7,7 @@ import pytest
 
 from repjax import config as config_lib, models, optim
 from repjax.checkpoint import Checkpointer
-from repjax.optim import sparsity as sp
+from repjax.projects.pelk import sparsity as sp
 from repjax.step import init_state, make_train_step
 
 SPEC = ("dynamic_sparsity", {"sparsity": 0.5, "init": "uniform", "update_every": 3, "prune_rate": 0.3,

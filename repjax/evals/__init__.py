@@ -12,10 +12,13 @@ from repjax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
 
-_EVAL_MODULES = ("classification", "cost", "quantization", "erf", "sparsity")
+_EVAL_MODULES = ("classification", "cost", "erf")
 
 
 def get(name: str):
+    from repjax import projects
+
     for module in _EVAL_MODULES:
         importlib.import_module(f"repjax.evals.{module}")
+    projects.import_all()
     return EVALUATORS.get(name)

@@ -5,8 +5,8 @@
 `TRANSFORMS` holds gradient transforms that rules can name; a factory has the signature
 `fn(params, cfg, **kwargs) -> optax.GradientTransformation` and sees the whole parameter tree (to build
 per-parameter constants); inside a group it receives updates where other groups' leaves are masked out.
-Importing this package registers the transforms of `repjax.optim.repopt` (RepOptimizers' Grad Mult) and
-`repjax.optim.sparsity` (dynamic sparsity, a `final_transforms` entry).
+Projects register their transforms (RepOptimizers' Grad Mult, SLaK's dynamic sparsity) when
+`repjax.projects` is imported, which `build` does before looking names up.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import optax
 
-from repjax.optim import repopt, sparsity  # noqa: F401  (register their transforms)
 from repjax.optim.optimizers import OPTIMIZERS, TRANSFORMS
 from repjax.optim.rules import check_rules, group_labels, trainable_mask
 from repjax.optim.schedules import make_schedule
@@ -38,6 +37,9 @@ def _group(cfg, params: Any, spec: dict, schedule: optax.Schedule) -> optax.Grad
 
 
 def _transforms(cfg, params: Any, names: Any) -> list[optax.GradientTransformation]:
+    from repjax import projects
+
+    projects.import_all()
     return [TRANSFORMS.get(name)(params, cfg, **dict(kwargs)) for name, kwargs in names]
 
 

@@ -1,18 +1,18 @@
-"""RepOpt-VGG-{B1,B2,L1,L2} on ImageNet with RepOpt-SGD (spec §5; `configs/repopt_vgg_b1.py` etc. wrap this).
+"""RepOpt-VGG-{B1,B2,L1,L2} on ImageNet with RepOpt-SGD (spec §5; `configs/repopt/repopt_vgg_b1.py` etc. wrap this).
 
 Recipe: 120 epochs, batch 256, lr 0.1 per 256 images (linear scaling), Nesterov momentum 0.9, wd 4e-5 (none on
 BN and biases), 5 warmup epochs then cosine to 0, label smoothing 0.1, no mixup, no EMA, no clipping.
 Train: RandomResizedCrop(224) + flip + RandAugment(2 ops). The official raug15 draws the magnitude uniformly
 in [0, 15) on a /10 scale; the `randaugment` op here takes one fixed magnitude capped at 10, so this uses 10.
 Eval: resize the short side to 224 + centre crop 224. The plain model starts from the re-initialization
-s*W3 + pad(t*W1) + pad(diag d) of the searched `scales` (.npz, `repjax.optim.repopt.save_scales`).
+s*W3 + pad(t*W1) + pad(diag d) of the searched `scales` (.npz, `repjax.projects.repopt.grad_mult.save_scales`).
 
-  python -m repjax.train --config configs/repopt_vgg_b1.py:scales=b1_scales.npz,data=folder:/data/imagenet \
+  python -m repjax.train --config configs/repopt/repopt_vgg_b1.py:scales=b1_scales.npz,data=folder:/data/imagenet \
     --workdir runs/repopt_vgg_b1
 """
 
 from repjax import config as config_lib
-from repjax.optim.repopt import repopt_sgd_rules
+from repjax.projects.repopt.grad_mult import repopt_sgd_rules
 
 TRAIN_IMAGES = 1_281_167
 

@@ -42,6 +42,11 @@ class SparsityState(NamedTuple):
     key: jax.Array  # raw uint32 PRNG key (mask init and random growth)
     masks: Any  # bool tree like the group's params; shape-() True for dense leaves
 
+    def init_params(self, params: Any) -> Any:
+        """`params` with every inactive weight zeroed (`repjax.optim.hooks`: sparse from step 0)."""
+        return jax.tree.map(lambda p, m: p if isinstance(m, optax.MaskedNode) else jnp.where(m, p, 0), params,
+                            self.masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
 
 def erk_densities(shapes: Sequence[tuple[int, ...]], density: float) -> list[float]:
     """Erdős-Rényi-Kernel densities d_l = min(1, eps * sum(shape_l) / prod(shape_l)), total = `density`."""
@@ -163,8 +168,7 @@ def sparsity_states(opt_state: Any) -> list[SparsityState]:
 def apply_masks(params: Any, opt_state: Any) -> Any:
     """`params` with every inactive weight set to zero (e.g. right after `tx.init`, before the first step)."""
     for state in sparsity_states(opt_state):
-        params = jax.tree.map(lambda p, m: p if isinstance(m, optax.MaskedNode) else jnp.where(m, p, 0), params,
-                              state.masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        params = state.init_params(params)
     return params
 
 

@@ -1,6 +1,6 @@
-"""RepOpt-VGG-B2 on ImageNet with RepOpt-SGD: `configs/repopt_vgg_imagenet.py` with variant=b2.
+"""RepOpt-VGG-B2 on ImageNet with RepOpt-SGD: `configs/repopt/repopt_vgg_imagenet.py` with variant=b2.
 
-  python -m repjax.train --config configs/repopt_vgg_b2.py:scales=<scales.npz>,data=folder:<imagenet path> \
+  python -m repjax.train --config configs/repopt/repopt_vgg_b2.py:scales=<scales.npz>,data=folder:<imagenet path> \
     --workdir runs/repopt_vgg_b2
 """
 

@@ -2,17 +2,17 @@
 
 1. Search the scales with the HS model (§5 HS recipe: SGD Nesterov 0.9, lr 0.1 per 256, wd 4e-5, cosine,
    10 warmup epochs, label smoothing 0.1, clip 5.0; no decay on BN, biases, s and t; decay on d):
-     python -m repjax.train --config configs/repopt_vgg_cifar.py:mode=hs --workdir runs/repopt_hs
+     python -m repjax.train --config configs/repopt/repopt_vgg_cifar.py:mode=hs --workdir runs/repopt_hs
    then write its scales: `repopt.save_scales(path, repopt_vgg.extract_scales(params))`.
 2. Train the plain model with RepOpt-SGD from those scales (re-initialized kernels, Grad Mult, no clipping):
-     python -m repjax.train --config configs/repopt_vgg_cifar.py:mode=target,scales=runs/scales.npz \
+     python -m repjax.train --config configs/repopt/repopt_vgg_cifar.py:mode=target,scales=runs/scales.npz \
        --workdir runs/repopt_target
 `model=` picks another registered RepOpt-VGG (e.g. repopt_vgg_b1 for the paper's HS on 32x32 inputs).
 """
 
 from repjax import config as config_lib
-from repjax.models.repopt_vgg import hs_rules
-from repjax.optim.repopt import repopt_sgd_rules
+from repjax.projects.repopt.grad_mult import repopt_sgd_rules
+from repjax.projects.repopt.repopt_vgg import hs_rules
 
 
 def get_config(arg=None):

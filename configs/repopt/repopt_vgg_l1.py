@@ -1,6 +1,6 @@
-"""RepOpt-VGG-L1 on ImageNet with RepOpt-SGD: `configs/repopt_vgg_imagenet.py` with variant=l1.
+"""RepOpt-VGG-L1 on ImageNet with RepOpt-SGD: `configs/repopt/repopt_vgg_imagenet.py` with variant=l1.
 
-  python -m repjax.train --config configs/repopt_vgg_l1.py:scales=<scales.npz>,data=folder:<imagenet path> \
+  python -m repjax.train --config configs/repopt/repopt_vgg_l1.py:scales=<scales.npz>,data=folder:<imagenet path> \
     --workdir runs/repopt_vgg_l1
 """
 

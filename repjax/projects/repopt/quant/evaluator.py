@@ -1,9 +1,10 @@
 """`int8_ptq`: simulated int8 post-training quantization accuracy, next to the float model's on the same pass.
 
 Calibrates activation ranges on `calib_batches` training batches (eval preprocessing, no augmentation), fake-
-quantizes every conv/dense kernel per output channel and every conv/dense input per tensor (`repjax.quant`), then
-evaluates float and int8 on the eval split. Give it a deploy-form model (e.g. RepVGG with `deploy=True` and
-re-parameterized weights): BatchNorm layers that are not fused stay in float.
+quantizes every conv/dense kernel per output channel and every conv/dense input per tensor
+(`repjax.projects.repopt.quant`), then evaluates float and int8 on the eval split. Give it a deploy-form
+model (e.g. RepVGG with `deploy=True` and re-parameterized weights): BatchNorm layers that are not fused stay
+in float.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from repjax import data, quant, sharding
+from repjax import data, sharding
 from repjax.data import pipeline
 from repjax.evals import EVALUATORS
+from repjax.projects.repopt import quant
 from repjax.step import cross_entropy, topk_correct
 
 

@@ -1,7 +1,7 @@
 """Simulated int8 post-training quantization (fake-quant) for any Flax Linen model; see `ptq` and `fake_quant`.
-The evaluator `int8_ptq` (`repjax.evals.quantization`) runs it over a data split."""
+The evaluator `int8_ptq` (`repjax.projects.repopt.quant.evaluator`) runs it over a data split."""
 
-from repjax.quant.fake_quant import (
+from repjax.projects.repopt.quant.fake_quant import (
     ActQParams,
     act_qparams,
     fake_quant_act,
@@ -9,7 +9,7 @@ from repjax.quant.fake_quant import (
     quantize_weight,
     weight_scales,
 )
-from repjax.quant.ptq import LAYERS, Ranges, calibrate, layer_paths, quantize_weights, quantized_apply
+from repjax.projects.repopt.quant.ptq import LAYERS, Ranges, calibrate, layer_paths, quantize_weights, quantized_apply
 
 __all__ = [
     "LAYERS",

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from repjax.models import MODELS
-from repjax.nn import lk_mixers as lkm, peripheral as pk
+from repjax.projects.pelk import lk_mixers as lkm, peripheral as pk
 
 Dtype = Any
 MIXERS = {"dense": lkm.DenseMixer, "stripe": lkm.StripeMixer, "peripheral": lkm.PeripheralMixer}

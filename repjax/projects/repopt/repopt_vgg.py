@@ -5,7 +5,7 @@ Modes (same depths, widths and strides; one BN per block in all of them):
   per-output-channel scales `scale_conv` (s), `scale_1x1` (t) and `scale_identity` (d; only when in == out
   and stride 1). In `'hs'` all are trained; in `'csla'` s and t are constants (gradient stopped here; freeze
   them in the optimizer with `hs_rules(csla=True)`) and d is trained.
-- `'target'`: `ReLU(BN(conv3x3 x))`, trained with RepOpt-SGD (`repjax.optim.repopt`). With `init_scales`
+- `'target'`: `ReLU(BN(conv3x3 x))`, trained with RepOpt-SGD (`repjax.projects.repopt.grad_mult`). With `init_scales`
   (an `.npz` of searched scales) its 3x3 kernels start from the Rule of Initialization (§1.4).
 
 Parameter tree: `stage0`, `stage{s}_{i}`, `linear`; a block holds `conv` (3x3, HWIO) and `bn`, plus
@@ -30,10 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from repjax.models import MODELS
-from repjax.models.repvgg import repvgg_widths
 from repjax.nn.layers import batch_norm, torch_padding
 from repjax.nn.reparam import fuse_conv_bn, identity_kernel, pad_kernel
-from repjax.optim.repopt import NO_DECAY, Scales, ScalesLike, as_scales, load_scales, mult_tensor, save_scales
+from repjax.projects.repopt.grad_mult import (
+    NO_DECAY,
+    Scales,
+    ScalesLike,
+    as_scales,
+    load_scales,
+    mult_tensor,
+    save_scales,
+)
+from repjax.projects.repopt.repvgg import repvgg_widths
 
 MODES = ("hs", "csla", "target")
 # PyTorch's default conv/linear weight init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
@@ -138,7 +146,7 @@ class RepOptVGG(nn.Module):
     Attributes:
       num_blocks: blocks per stage 1..n; widths / strides: of stage0..n.
       mode: 'hs', 'csla' or 'target' (module docstring).
-      init_scales: target mode only, an `.npz` of scales (`repjax.optim.repopt.save_scales`): the 3x3
+      init_scales: target mode only, an `.npz` of scales (`repjax.projects.repopt.grad_mult.save_scales`): the 3x3
         kernels are initialized as s*W3 + pad(t*W1) + pad(diag d) (§1.4) instead of plain W3.
       use_identity_scales: use the searched d in that init (official default) rather than 1.
     """
@@ -396,7 +404,7 @@ def repopt_vgg_cifar(**kw: Any) -> RepOptVGG:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m repjax.models.repopt_vgg <hs workdir | checkpoint dir> <out.npz>`: export searched scales."""
+    """`python -m repjax.projects.repopt.repopt_vgg <hs workdir | checkpoint dir> <out.npz>`: export searched scales."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("out")

@@ -5,8 +5,8 @@ cosine to 0, label smoothing 0.1, global-norm clip 5.0 as the official config.py
 augmentation (pad-crop + flip) by default; `aug=strong` adds RandAugment, mixup 0.4 and cutmix 1.0 as the
 paper's ImageNet recipe. `local=0` trains without the conv branches (the same deploy architecture).
 
-    python -m repjax.train --config configs/repmlpnet_cifar.py:epochs=30 --workdir runs/repmlp
-    python -m repjax.train --config configs/repmlpnet_cifar.py:epochs=30,local=0 --workdir runs/repmlp_nolocal
+    python -m repjax.train --config configs/repmlp/repmlpnet_cifar.py:epochs=30 --workdir runs/repmlp
+    python -m repjax.train --config configs/repmlp/repmlpnet_cifar.py:epochs=30,local=0 --workdir runs/repmlp_nolocal
 """
 
 from repjax import config as config_lib

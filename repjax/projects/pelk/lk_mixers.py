@@ -23,10 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repjax.nn import dwconv, peripheral as pk
+from repjax.nn import dwconv
 from repjax.nn.conv import Conv
 from repjax.nn.layers import batch_norm
 from repjax.nn.reparam import fuse_conv_bn, merge_branches, pad_kernel
+from repjax.projects.pelk import peripheral as pk
 
 Dtype = Any
 trunc02 = nn.initializers.truncated_normal(0.02)

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from repjax.models import MODELS
-from repjax.models.lk_convnext import drop_path, odd
-from repjax.nn import lk_mixers as lkm
 from repjax.nn.layers import ConvBN, batch_norm
+from repjax.projects.pelk import lk_mixers as lkm
+from repjax.projects.pelk.lk_convnext import drop_path, odd
 
 Dtype = Any
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repjax.quant.fake_quant import act_qparams, fake_quant_act, fake_quant_weight
+from repjax.projects.repopt.quant.fake_quant import act_qparams, fake_quant_act, fake_quant_weight
 
 LAYERS: tuple[type[nn.Module], ...] = (nn.Conv, nn.Dense)
 METHODS = ("minmax", "percentile")

@@ -1,6 +1,6 @@
-"""RepOpt-VGG-L2 on ImageNet with RepOpt-SGD: `configs/repopt_vgg_imagenet.py` with variant=l2.
+"""RepOpt-VGG-L2 on ImageNet with RepOpt-SGD: `configs/repopt/repopt_vgg_imagenet.py` with variant=l2.
 
-  python -m repjax.train --config configs/repopt_vgg_l2.py:scales=<scales.npz>,data=folder:<imagenet path> \
+  python -m repjax.train --config configs/repopt/repopt_vgg_l2.py:scales=<scales.npz>,data=folder:<imagenet path> \
     --workdir runs/repopt_vgg_l2
 """
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 from jax.sharding import Mesh
 
 from repjax.evals import EVALUATORS
-from repjax.optim.sparsity import density_report
+from repjax.projects.pelk.sparsity import density_report
 
 
 @EVALUATORS.register("sparsity")

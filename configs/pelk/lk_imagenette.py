@@ -6,7 +6,7 @@ epochs), random-resized crop (scale >= 0.35) + flip; `aug=strong` adds RandAugme
 cutmix 1.0 as the papers. `model=` any registered name (pelk_imagenette, slak_imagenette, convnext_imagenette);
 `model.kwargs` override the architecture (e.g. --config.model.kwargs.kernel_sizes="(31, 15, 7, 3)").
 
-    python -m repjax.train --config configs/lk_imagenette.py:model=pelk_imagenette,epochs=10 --workdir runs/pelk
+    python -m repjax.train --config configs/pelk/lk_imagenette.py:model=pelk_imagenette,epochs=10 --workdir runs/pelk
 """
 
 from repjax import config as config_lib

@@ -2,7 +2,7 @@
 
 A file holds, per block, `<prefix>.scale_conv.weight` (s, 3x3 branch), `<prefix>.scale_1x1.weight` (t, 1x1
 branch) and, for blocks with an identity branch, `<prefix>.scale_identity.weight` (d), where prefix is `stage0`
-or `stage{s}.{i}` as in the official code. Blocks are named like the Flax modules of `repjax.models.repvgg`
+or `stage{s}.{i}` as in the official code. Blocks are named like the Flax modules of `repjax.projects.repopt.repvgg`
 (`stage0`, `stage1_0`, ...); `block_names` may use either spelling. Unlike the official read-out (which loads
 with `strict=False`), every key must be accounted for: problems are reported together in `ScaleFileError`.
 """
@@ -20,7 +20,7 @@ from repjax.io import torch_zip
 Scales = dict[str, dict[str, np.ndarray]]
 
 _KEY = re.compile(r"^(stage\d+)(?:\.(\d+))?\.scale_(conv|1x1|identity)\.weight$")
-_FLAX_KEY = re.compile(r"^(stage\d+(?:_\d+)?)/([std])$")  # `repjax.optim.repopt.save_scales` layout
+_FLAX_KEY = re.compile(r"^(stage\d+(?:_\d+)?)/([std])$")  # `repjax.projects.repopt.grad_mult.save_scales` layout
 _LETTER = {"conv": "s", "1x1": "t", "identity": "d"}
 _SUFFIX = {v: k for k, v in _LETTER.items()}
 
@@ -77,7 +77,8 @@ def load_repopt_scales(path: str | os.PathLike, block_names: Mapping[str, bool] 
 
     Args:
       path: a released `.pth` (read without torch and without executing pickle code), or an `.npz` with the
-        official keys (`save_repopt_scales`) or with `<block>/<s|t|d>` keys (`repjax.optim.repopt.save_scales`).
+        official keys (`save_repopt_scales`) or with `<block>/<s|t|d>` keys
+        (`repjax.projects.repopt.grad_mult.save_scales`).
       block_names: the expected blocks; a mapping name -> has_identity also checks where `d` must appear.
         Without it, every block found must have s and t.
       ignore_other_keys: skip keys that are not scales (reading a whole Hyper-Search checkpoint) instead of
