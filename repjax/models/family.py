@@ -43,6 +43,7 @@ class Family:
 
     name: str
     module: type[nn.Module]
+    tiny: str  # a registered small variant: what the shared contract test builds
     macs: Callable[[nn.Module, int, int], int]
     from_torch: Callable[[Mapping[str, np.ndarray], nn.Module], Variables] | None = None
     to_torch: Callable[[Mapping[str, Any], nn.Module], StateDict] | None = None
