@@ -27,4 +27,8 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 def get_source(spec: str, split: str) -> Source:
     """The `split` of the source named by `spec` (see the module docstring for the forms)."""
     name, arg = split_spec(spec)
+    if name not in SOURCES:  # sources registered by a project package (e.g. minivtab)
+        from repjax import projects
+
+        projects.import_all()
     return SOURCES.get(name)(arg, split)
