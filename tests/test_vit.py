@@ -176,11 +176,15 @@ def _import_timm():
                 return None
 
             def create_module(self, spec):
+                class AnyAttr(type):  # classes whose attributes are classes (InterpolationMode.NEAREST, ...)
+                    def __getattr__(cls, attr):
+                        return AnyAttr(attr, (), {})
+
                 class Stub(types.ModuleType):
                     def __getattr__(self, attr):
                         if attr.startswith("__"):
                             raise AttributeError(attr)
-                        return type(attr, (), {})
+                        return AnyAttr(attr, (), {})
 
                 module = Stub(spec.name)
                 module.__path__ = []
@@ -206,7 +210,7 @@ def test_timm_forward_on_same_random_weights(kw):
     for p in ref.parameters():  # timm zero-initialises some tensors: make every one random
         torch.nn.init.normal_(p, std=0.2)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    model = vit.infer(sd)
+    model = vit.infer(sd, vit.ViT(width=48, num_heads=3))  # a timm checkpoint does not store num_heads
     assert (model.width, model.depth, model.num_heads, model.patch_size, model.image_size, model.pool) == (
         48, 3, 3, 8, 32, "cls" if not kw else "gap")
     variables = vit.from_torch(sd, model)
