@@ -66,3 +66,14 @@ def test_early_exit_evaluator_on_minivtab_digits():
     assert out["curve"][1]["top1"] == pytest.approx(out["top1_exit_2"])  # full budget: the last exit
     assert sum(out["exit_fraction"]) == pytest.approx(1.0)
     assert out["wallclock_speedup"] > 0
+
+
+def test_analytic_macs_agree_with_the_vit_family():
+    from repjax.models import vit as vit_family
+
+    for size, patch, width, depth in ((224, 16, 768, 12), (64, 8, 192, 12)):
+        model = ViT(num_classes=1000, image_size=size, patch_size=patch, width=width, depth=depth,
+                    num_heads=width // 64)
+        assert flops.vit_macs(depth, size, patch, width, 1000) == vit_family.macs(model, size)
+        cum = np.cumsum(flops.stage_macs((3, 6, 9, 12), size, patch, width))
+        assert [vit_family.macs_to_block(model, size, k) for k in (3, 6, 9, 12)] == list(cum)
