@@ -230,11 +230,13 @@ class StagedRunner:
             jax.block_until_ready(x)
 
 
-def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
-    """Best wall-clock seconds of `repeats` calls (results blocked on)."""
-    best = math.inf
+def timed(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
+    """Best wall-clock seconds of each function over `repeats` rounds; the functions alternate within a round,
+    so that a shared machine's load hits them alike (results blocked on)."""
+    best = {name: math.inf for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
     return best

@@ -70,9 +70,9 @@ def wallclock(model, variables: dict[str, Any], images: np.ndarray, thresholds: 
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     padded = [np.concatenate([b, np.zeros((batch_size - len(b), *b.shape[1:]), b.dtype)]) for b in batches]
     jax.block_until_ready(full(jnp.asarray(padded[0])))
-    t_full = ee.timed(lambda: [full(jnp.asarray(b)) for b in padded], repeats)
-    t_staged = ee.timed(lambda: [runner(jnp.asarray(b)) for b in batches], repeats)
-    return {"full_s": t_full, "staged_s": t_staged, "speedup": t_full / t_staged}
+    t = ee.timed({"full": lambda: [full(jnp.asarray(b)) for b in padded],
+                  "staged": lambda: [runner(jnp.asarray(b)) for b in batches]}, repeats)
+    return {"full_s": t["full"], "staged_s": t["staged"], "speedup": t["full"] / t["staged"]}
 
 
 @EVALUATORS.register("early_exit")
