@@ -25,8 +25,10 @@ paper's values are unknown). Backbone: `--init` (a flat .npz of ViT params keyed
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -321,6 +323,7 @@ def plot(results: dict[str, Any], hosts: list[str], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a long run is
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny ViT, few steps: a smoke run")
     p.add_argument("--tasks", default="cifar10,digits,dsprites_loc,dsprites_ori,count")
@@ -381,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {}
     for task in args.tasks.split(","):
         results[task] = run_task(args, task, pretrained)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))  # partial, per task
     results["average"] = summary(results, args.hosts)
     results["config"] = {k: v for k, v in vars(args).items()}
     results["backbone"] = args.init or args.init_run or (f"pretrained {args.pretrain_steps} steps on Imagenette"

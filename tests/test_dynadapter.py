@@ -83,17 +83,23 @@ def test_exit_wiring_and_balanced_heads():
     v = _init(model)
     assert set(v["params"]) == {"backbone", "exit_1", "exit_2"}  # the third exit is the backbone's head
     assert "fc1" in v["params"]["exit_1"] and "fc1" not in v["params"]["exit_2"]
-    outs = model.apply(v, X)
+    outs = jax.jit(model.apply)(v, X)
     assert len(outs) == 3 and all(o.shape == (16, 5) for o in outs)
     # every exit sees the tokens after its block: rebuild by hand from the backbone's methods
     bb, bv = Toy(), {"params": v["params"]["backbone"]}
-    t = bb.apply(bv, X, method=bb.embed)
-    for i in range(2):
-        t = bb.apply(bv, i, t, method=bb.block)
-    head = model.apply(v, t, method=lambda m, t: m.heads[0](t))
+
+    @jax.jit
+    def by_hand(v, x):
+        t = bb.apply(bv, x, method=bb.embed)
+        for i in range(2):
+            t = bb.apply(bv, i, t, method=bb.block)
+        return model.apply(v, t, method=lambda m, t: m.heads[0](t)), bb.apply(bv, x), \
+            model.apply(v, x, method=model.final)
+
+    head, host, final = by_hand(v, X)
     np.testing.assert_allclose(outs[0], head, rtol=1e-6)
-    np.testing.assert_allclose(outs[-1], bb.apply(bv, X), rtol=1e-6)  # last exit = the host's forward
-    np.testing.assert_allclose(outs[-1], model.apply(v, X, method=model.final), rtol=1e-6)
+    np.testing.assert_allclose(outs[-1], host, rtol=1e-6)  # last exit = the host's forward
+    np.testing.assert_allclose(outs[-1], final, rtol=1e-6)
 
 
 def test_head_macs_and_pooling():
@@ -149,15 +155,17 @@ def test_stage_dropout_per_block_and_only_in_training():
     model = _model(toy=dict(rates=spec["dropout"]))
     v = _init(model)
     rngs = {"dropout": jax.random.key(3)}
-    train = model.apply(v, X, train=True, rngs=rngs)
-    evals = [model.apply(v, X) for _ in range(2)]
+    apply = jax.jit(lambda v, train, rngs: model.apply(v, X, train=train, rngs=rngs), static_argnums=1)
+    train = apply(v, True, rngs)
+    evals = [apply(v, False, {}) for _ in range(2)]
     assert not np.allclose(train[0], evals[0][0])  # stage 1 drops in training
     np.testing.assert_array_equal(evals[0][0], evals[1][0])  # evaluation is deterministic
     # stage 3 has rate 0: with the earlier stages detached from randomness it would be exact; here check that
     # a model whose rates are all zero is unchanged by train=True
     plain = _model()
     pv = _init(plain)
-    for a, b in zip(plain.apply(pv, X, train=True, rngs=rngs), plain.apply(pv, X), strict=True):
+    both = jax.jit(lambda v: (plain.apply(v, X, train=True, rngs=rngs), plain.apply(v, X)))(pv)
+    for a, b in zip(*both, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -281,7 +289,7 @@ def _grad_of_exit(model, v, exit_index):
     def loss(params):
         outs = model.apply({"params": params}, X, train=True, rngs={"dropout": jax.random.key(9)})
         return jnp.sum(outs[exit_index] ** 2)
-    return jax.grad(loss)(v["params"])
+    return jax.jit(jax.grad(loss))(v["params"])
 
 
 def test_detach_and_gate_at_stage_boundaries():
@@ -300,8 +308,8 @@ def test_detach_and_gate_at_stage_boundaries():
     full = _grad_of_exit(model, v, 2)["backbone"]["blocks_0"]["kernel"]
     part = _grad_of_exit(gated, v, 2)["backbone"]["blocks_0"]["kernel"]
     assert not np.allclose(full, part)
-    out_eval = gated.apply(v, X)  # eval: no gate, no rng needed
-    np.testing.assert_allclose(out_eval[2], model.apply(v, X)[2], rtol=1e-6)
+    out_eval = jax.jit(gated.apply)(v, X)  # eval: no gate, no rng needed
+    np.testing.assert_allclose(out_eval[2], jax.jit(model.apply)(v, X)[2], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ early exit

@@ -60,12 +60,11 @@ def test_early_exit_evaluator_on_minivtab_digits():
     v = _perturbed(model.init({"params": jax.random.key(1), "dropout": jax.random.key(1)}, X))
     config = mlc.ConfigDict(dict(data=dict(source="minivtab:digits", eval_split="test",
                                            eval_pp="normalize(imagenet)"), eval_batch_size=128))
-    out = evals.get("early_exit")(model, v, config, None, budgets=(0.6, 1.0), timing=True)
+    out = evals.get("early_exit")(model, v, config, None, budgets=(0.6, 1.0))  # timing: see the staged-runner test
     # thresholds calibrated on val200 for half the host's FLOPs; on test the ratio lands near it, not exactly
     assert 0.3 < out["flops_ratio"] < 0.7 and len(out["curve"]) == 2
     assert out["curve"][1]["top1"] == pytest.approx(out["top1_exit_2"])  # full budget: the last exit
     assert sum(out["exit_fraction"]) == pytest.approx(1.0)
-    assert out["wallclock_speedup"] > 0
 
 
 def test_analytic_macs_agree_with_the_vit_family():
