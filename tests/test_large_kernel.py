@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax.models import create, names
+from repjax.models import abstract_variables, create, names, variant
 from repjax.projects.pelk import lk_convnext as lkc, peripheral as pk, replknet as rlk
 
 REL_TOL = 1e-5
@@ -74,9 +74,10 @@ def test_deploy_equals_training_form(family):
     model = create(name, **kw)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
     variables = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
-    reparam = rlk.reparameterize if family == "replknet" else lkc.reparameterize
-    deploy_vars = jax.jit(reparam)(variables)
-    deploy = model.clone(deploy=True)
+    fam = variant(name).family
+    assert fam.name == family.split("_")[0]
+    deploy_vars = jax.jit(lambda v: fam.reparameterize(v, model))(variables)
+    deploy = fam.deploy(model)
     want = jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))
     assert jax.tree.map(lambda a: a.shape, deploy_vars) == jax.tree.map(lambda a: a.shape, want)
     y = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
@@ -129,10 +130,10 @@ def test_registry():
 @functools.cache
 def counts(name: str) -> tuple[float, float, float, float, object]:
     model = create(name)
-    params = (lkc.abstract_variables(model) if not name.startswith("replknet") else
-              jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))["params"]
+    params = abstract_variables(model, 32)["params"]
     res = 384 if name == "pelk_b101" else 224
     mac = rlk.macs if name.startswith("replknet") else lkc.macs
+    assert isinstance(mac(model, res), int) and mac is variant(name).family.macs
     sp_mac = mac(model, res) if name.startswith("replknet") else lkc.macs(model, res, sparsity=0.4)
     return (lkc.param_count(params) / 1e6, lkc.param_count(params, 0.4) / 1e6, mac(model, res) / 1e9, sp_mac / 1e9,
             params)
