@@ -187,24 +187,30 @@ def param_count(params: Any, sparsity: float = 0.0, exclude: tuple[str, ...] = (
     return total
 
 
-def mixer_macs(model: LKConvNeXt, st: int, hw: int) -> tuple[int, int]:
-    """(MACs of one block's mixer per image on a map of hw pixels, channels it touches). Training form
-    counts every branch; deploy form one k x k kernel. The PE (one conv of a ones map per batch) is not
+def mixer_macs(model: LKConvNeXt, st: int, hw: int, branches: bool = False) -> tuple[int, int]:
+    """(MACs of one block's mixer per image on a map of hw pixels, channels it touches): one k x k kernel
+    (the deploy form), or with `branches` each training-form branch of a training-form model (SLaK's
+    stripes 2 k s + s^2 taps, RepLKNet/PeLK k^2 + s^2). The PE (one conv of a ones map per batch) is not
     counted."""
     kw, c = model.mixer_kw(st), model.dims[st]
     k, s = kw["kernel_size"], kw.get("small_kernel") or 0
     if model.mixer == "peripheral":
         c = pk.partial_channels(c, model.partial_ratio, model.rounding)
-    if model.deploy or (model.mixer == "dense" and not model.use_bn):
+    if not branches or model.deploy or (model.mixer == "dense" and not model.use_bn):
         return k * k * c * hw, c
     taps = {"dense": k * k + s * s, "stripe": 2 * k * s + s * s, "peripheral": k * k + s * s}[model.mixer]
     return taps * c * hw, c
 
 
-def macs(model: LKConvNeXt, height: int, width: int | None = None, sparsity: float = 0.0) -> int:
-    """Multiply-accumulates of one image's forward pass: convs and linears (the papers' FLOPs column; norms,
-    elementwise ops and the PE are not counted). With `sparsity`, every conv/linear counts (1 - sparsity)
-    of its MACs (SLaK's sparse-FLOPs accounting), rounded to an integer."""
+def macs(model: LKConvNeXt, height: int, width: int | None = None, sparsity: float = 0.0,
+         branches: bool = False) -> int:
+    """Multiply-accumulates of one image's forward pass: convs and linears (norms, elementwise ops and the
+    PE are not counted), in the deploy form (the contract's convention: what `deploy(model)` computes).
+
+    `branches=True` counts a training-form model's mixer branches instead: the papers' FLOPs for SLaK, whose
+    published numbers (and official inference) keep the k x s + s x k stripes unmerged; our deploy form
+    merges them into one k x k kernel, which has more MACs. With `sparsity`, every conv/linear counts
+    (1 - sparsity) of its MACs (SLaK's sparse-FLOPs accounting), rounded to an integer."""
     h, w = height // model.patch_size, (width or height) // model.patch_size
     dims = model.dims
     total = 3 * dims[0] * model.patch_size**2 * h * w
@@ -212,7 +218,7 @@ def macs(model: LKConvNeXt, height: int, width: int | None = None, sparsity: flo
         if st:
             h, w = h // 2, w // 2
             total += dims[st - 1] * dims[st] * 4 * h * w
-        mix, _ = mixer_macs(model, st, h * w)
+        mix, _ = mixer_macs(model, st, h * w, branches)
         total += depth * (mix + 8 * dims[st] ** 2 * h * w)
     total += dims[-1] * model.num_classes
     return total if sparsity == 0.0 else round((1.0 - sparsity) * total)
@@ -312,8 +318,9 @@ def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def infer(state_dict: Mapping[str, Any], model: LKConvNeXt) -> LKConvNeXt:
-    """`model` in the form `state_dict` holds (deploy for SLaK's `lkb_reparam`); a clear error when the
-    state_dict's mixer is not `model`'s (e.g. SLaK stripes into a ConvNeXt)."""
+    """`model` in the form `state_dict` holds (deploy for SLaK's `lkb_reparam`) with its head's number of
+    classes; a clear error when the state_dict's mixer is not `model`'s (e.g. SLaK stripes into a ConvNeXt).
+    The architecture stays `model`'s: another depth or width fails the strict import, listed."""
     layout, form = detect_layout(state_dict)
     kind = "convnext" if model.mixer == "dense" and not model.use_bn else (
         "dense" if model.mixer == "dense" else model.mixer)
@@ -321,7 +328,9 @@ def infer(state_dict: Mapping[str, Any], model: LKConvNeXt) -> LKConvNeXt:
     if form not in fits:
         raise ValueError(f"the state_dict holds a {layout} {form!r} model, which does not fit mixer={model.mixer!r} "
                          f"use_bn={model.use_bn} (ConvNeXt: convnext_*, SLaK stripes: slak_*, SLaK dense: use_bn=True)")
-    return model.clone(deploy=form == "deploy") if kind != "convnext" else model
+    head = state_dict.get("head.fc.weight" if layout == "timm" else "head.weight")
+    classes = {} if head is None else {"num_classes": int(np.shape(head)[0])}
+    return model.clone(**classes, **({"deploy": form == "deploy"} if kind != "convnext" else {}))
 
 
 def _numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

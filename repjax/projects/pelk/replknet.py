@@ -128,10 +128,11 @@ def reparameterize(variables: Mapping[str, Any], model: RepLKNet, eps: float = 1
     return {"params": params, "batch_stats": stats}
 
 
-def macs(model: RepLKNet, height: int, width: int | None = None) -> int:
-    """Multiply-accumulates of one image's forward pass (convs, linears; BN/elementwise not counted). Training
-    form counts the k x k and 5x5 branches separately, deploy form one k x k kernel."""
-    ch, s = model.channels, (model.small_kernel or 0) if not model.deploy else 0
+def macs(model: RepLKNet, height: int, width: int | None = None, branches: bool = False) -> int:
+    """Multiply-accumulates of one image's forward pass (convs, linears; BN/elementwise not counted) in the
+    deploy form (one k x k kernel per large kernel: the contract's convention, and the paper's 15.3G for 31B);
+    `branches=True` counts a training-form model's k x k and 5x5 branches separately."""
+    ch, s = model.channels, (model.small_kernel or 0) if branches and not model.deploy else 0
     h, w = height // 2, (width or height) // 2
     total = (27 * ch[0] + 9 * ch[0] + ch[0] ** 2) * h * w
     if model.stem_stride2:
@@ -198,8 +199,10 @@ def detect_form(state_dict: Mapping[str, Any]) -> str:
 
 
 def infer(state_dict: Mapping[str, Any], model: RepLKNet) -> RepLKNet:
-    """`model` in the form `state_dict` holds (training: lkb_origin + small_conv; deploy: lkb_reparam)."""
-    return model.clone(deploy=detect_form(state_dict) == "deploy")
+    """`model` in the form `state_dict` holds (training: lkb_origin + small_conv; deploy: lkb_reparam) with
+    its head's number of classes; the architecture stays `model`'s (the strict import lists any difference)."""
+    classes = {"num_classes": int(np.shape(state_dict["head.weight"])[0])} if "head.weight" in state_dict else {}
+    return model.clone(deploy=detect_form(state_dict) == "deploy", **classes)
 
 
 def from_torch(state_dict: Mapping[str, Any], model: RepLKNet) -> dict[str, Any]:
