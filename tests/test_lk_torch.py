@@ -369,3 +369,13 @@ def test_load_variables_by_name(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, variables)
     got = load_variables(tmp_path / "deploy.npz", "replknet_test")
     jax.tree.map(np.testing.assert_array_equal, got, rlk.from_torch(dsd, rlk.deploy(model)))
+
+
+def test_slak_dense_without_small_kernel_round_trip():
+    """SLaK's dense mixer with small_kernel=None has no small_conv: export and import back exactly."""
+    model = models.create("convnext_test", use_bn=True)
+    rng = np.random.default_rng(3)
+    variables = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), models.abstract_variables(model, 32))
+    sd = lkc.to_torch(variables, model)
+    assert "stages.0.0.large_kernel.lkb_origin.bn.running_var" in sd and not any("small_conv" in k for k in sd)
+    jax.tree.map(np.testing.assert_array_equal, lkc.from_torch(sd, lkc.infer(sd, model)), variables)

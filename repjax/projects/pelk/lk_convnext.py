@@ -234,6 +234,8 @@ def macs(model: LKConvNeXt, height: int, width: int | None = None, sparsity: flo
 #               stripes LoRA1 (k x s) / LoRA2 (s x k) / small_conv (s x s), each {conv, bn}; dense-with-BN
 #               lkb_origin / small_conv; deploy lkb_reparam {weight, bias}. SLaK builds small_conv only when
 #               s < k, and its stripes are (k x 5) with the 5 unclipped, so the layout needs s < k per stage.
+#               SLaK's own `merge_kernel` merges only lkb_origin; our deploy form of the stripes (one k x k
+#               kernel) is written under the same `lkb_reparam` name.
 # PeLK has no released code or checkpoints (spec: pelk_lkrobust.md section 1), so it has no PyTorch layout.
 
 LAYOUTS = ("facebook", "timm", "slak")
@@ -271,7 +273,7 @@ def _mixer_rules(model: LKConvNeXt, st: int, prefix: str, path: tio.Path, layout
         rules = _conv_bn(f"{lk}.LoRA1", path, "lk_h") + _conv_bn(f"{lk}.LoRA2", path, "lk_w")
     else:
         rules = _conv_bn(f"{lk}.lkb_origin", path, "lk")
-    return rules + _conv_bn(f"{lk}.small_conv", path, "small")
+    return rules + (_conv_bn(f"{lk}.small_conv", path, "small") if kw.get("small_kernel") else [])
 
 
 def torch_rules(model: LKConvNeXt, layout: str | None = None) -> list[tio.Rule]:
