@@ -27,7 +27,7 @@ def defaults() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
     c.total_steps = 1500  # or 0 with `epochs` > 0: resolved from the training split's size at run time
-    c.epochs = 0.0  # total_steps = floor(epochs * len(train split) / batch_size); set exactly one of the two
+    c.epochs = 0.0  # total_steps = floor(epochs * (len(train split) // batch_size)); set exactly one of the two
     c.batch_size = 128  # global batch, split over processes and devices
     c.eval_batch_size = 512
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -283,7 +283,8 @@ def validate(config: mlc.ConfigDict) -> None:
 def resolve_epochs(config: mlc.ConfigDict, num_examples: int) -> mlc.ConfigDict:
     """A copy of `config` with every `*epochs` key > 0 turned into its steps key (`EPOCH_KEYS`).
 
-    steps = floor(epochs * num_examples / batch_size), `num_examples` the training split's length. A config
+    An epoch is `num_examples // batch_size` full batches (`num_examples`: the training split's length), and
+    steps = floor(epochs * that) (fractional epochs allowed). A config
     already resolved (steps equal to the derived value) resolves to itself. Raises ValueError when both keys of
     a pair are set inconsistently, or when no total length results.
     """
@@ -291,7 +292,7 @@ def resolve_epochs(config: mlc.ConfigDict, num_examples: int) -> mlc.ConfigDict:
     for steps_key, epochs_key in EPOCH_KEYS:
         steps, epochs = get(out, steps_key), get(out, epochs_key)
         if epochs > 0:
-            derived = int(epochs * num_examples // out.batch_size)
+            derived = int(epochs * (num_examples // out.batch_size))
             if steps not in (0, derived):
                 raise ValueError(f"Set one of {steps_key!r} and {epochs_key!r}, not both: {steps_key}={steps}, "
                                  f"{epochs_key}={epochs:g} (= {derived} steps of {num_examples} examples "
