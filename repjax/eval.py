@@ -56,7 +56,7 @@ def evaluate(config=None, *, workdir: str | None = None, step: int | None = None
         with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
             restored = ckpt.restore(built.abstract_state, step)
         if restored is None:
-            raise FileNotFoundError(f"No intact checkpoint in {workdir}/checkpoints")
+            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints (or none intact)")
         step, state, _ = restored
     elif config.init.get("path"):
         state, step = load_init(config, state, state_sharding), 0
