@@ -93,20 +93,20 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     if config.batch_size % (mesh.size) or config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
 
-    # ---------------------------------------------------------------- Input, and the run's record
+    # ---------------------------------------------------------------- Input
     train_source = data.get_source(config.data.source, config.data.train_split)
     eval_source = data.get_source(config.data.source, config.data.eval_split)
     num_classes = train_source.num_classes
     image_shape = example_shape(train_source, config.data.train_pp)
     config = config_lib.resolve_epochs(config, len(train_source))
-    note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)
-    if note and jax.process_index() == 0:
-        print(note, flush=True)
 
     # ---------------------------------------------------------------- Model, optimizer, sharded state
     built = build(config, num_classes, image_shape, mesh)
     model, tx, schedule, state_sharding = built.model, built.tx, built.schedule, built.state_sharding
     check_eval(config, model, built.abstract_state, eval_source, num_classes)
+    note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)  # all checks passed
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     state = jax.jit(built.make_state, out_shardings=state_sharding)()
     if config.init.get("path"):
         state = load_init(config, state, state_sharding)
