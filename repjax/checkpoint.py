@@ -274,7 +274,7 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"No checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
                 )
-            problem = self.verify(step)
+            problem = self._verify_everywhere(step)
             if problem is not None:
                 raise CheckpointDamagedError(f"Checkpoint {self._step_dir(step)} is damaged: {problem}")
         else:
@@ -298,11 +298,18 @@ class Checkpointer:
         """None when checkpoint `step` matches its manifest, else what is wrong (remote directories: None)."""
         return verify(self._step_dir(step)) if self._local else None
 
+    def _verify_everywhere(self, step: int) -> str | None:
+        """`verify` on process 0 (one reader hashes the files); every process gets the same verdict."""
+        problem = self.verify(step) if jax.process_index() == 0 else None
+        if jax.process_count() > 1 and sync_flag(problem is not None) and problem is None:
+            problem = "damaged (details in the log of process 0)"
+        return problem
+
     def latest_intact_step(self, *, set_aside: bool = False) -> int | None:
         """The newest step that verifies; each damaged newer one is reported and, with `set_aside`, moved
         to `<directory>.damaged/` so that saving can continue past it."""
         for step in sorted(self._manager.all_steps(), reverse=True):
-            problem = self.verify(step)
+            problem = self._verify_everywhere(step)
             if problem is None:
                 return step
             where = self._step_dir(step)
@@ -311,7 +318,7 @@ class Checkpointer:
                 if jax.process_index() == 0:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(where), str(dest))
-                _sync("repjax_set_aside")
+                _sync("repjax_set_aside")  # every process sees the move before it lists the steps again
                 self._manager.reload()
                 _say(f"Checkpoint {where} is damaged ({problem}); moved to {dest}, using an older one")
             else:

@@ -180,7 +180,8 @@ def get(config: Any, dotted: str) -> Any:
     return node
 
 
-def _set(config: Any, dotted: str, value: Any) -> None:
+def set_value(config: Any, dotted: str, value: Any) -> None:
+    """`config.<dotted> = value`."""
     *parents, leaf = dotted.split(".")
     (get(config, ".".join(parents)) if parents else config)[leaf] = value
 
@@ -297,7 +298,7 @@ def resolve_epochs(config: mlc.ConfigDict, num_examples: int) -> mlc.ConfigDict:
                 raise ValueError(f"Set one of {steps_key!r} and {epochs_key!r}, not both: {steps_key}={steps}, "
                                  f"{epochs_key}={epochs:g} (= {derived} steps of {num_examples} examples "
                                  f"at batch {out.batch_size})")
-            _set(out, steps_key, derived)
+            set_value(out, steps_key, derived)
     if out.total_steps < 1:
         how = (f"epochs={out.epochs:g} of {num_examples} examples at batch {out.batch_size} is 0 steps"
                if out.epochs > 0 else "set total_steps >= 1 or epochs > 0")

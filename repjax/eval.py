@@ -13,13 +13,14 @@ checkpoint. Each evaluation of a workdir appends one record to `<workdir>/evals.
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import sys
 from typing import Any
 
 import jax
 
-from repjax import checkpoint, data, evals, sharding, workdir as workdir_lib
+from repjax import checkpoint, config as config_lib, data, evals, sharding, workdir as workdir_lib
 from repjax.build import build, example_shape, load_init
 from repjax.evals import classification, cost
 
@@ -41,6 +42,10 @@ def evaluate(config=None, *, workdir: str | None = None, step: int | None = None
                 raise FileNotFoundError(f"{workdir} has no {workdir_lib.CONFIG_FILE}: give the run's config")
             config = run
         elif run is not None:
+            config = copy.deepcopy(config)
+            for steps_key, epochs_key in config_lib.EPOCH_KEYS:  # a config file's epochs: the run resolved them
+                if config_lib.get(config, epochs_key) > 0 and config_lib.get(config, steps_key) == 0:
+                    config_lib.set_value(config, steps_key, config_lib.get(run, steps_key))
             overrides = {k: new for k, (_, new) in workdir_lib.config_diff(run, config).items()}
     elif config is None:
         raise ValueError("Nothing to evaluate: give --workdir or --config.init.path")

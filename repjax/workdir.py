@@ -201,8 +201,22 @@ class WorkdirLock(contextlib.AbstractContextManager):
         self.held = False
 
     def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0:
-            return self
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self._take()
+            except WorkdirLockedError as e:
+                error = e
+        if jax.process_count() > 1:  # every process stops when process 0 could not take the lock
+            from repjax.checkpoint import sync_flag
+
+            if sync_flag(error is not None) and error is None:
+                error = WorkdirLockedError(f"process 0 could not take {self.path} (see its log)")
+        if error is not None:
+            raise error
+        return self
+
+    def _take(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
@@ -213,7 +227,7 @@ class WorkdirLock(contextlib.AbstractContextManager):
                 try:
                     os.link(tmp, self.path)
                     self.held = True
-                    return self
+                    return
                 except FileExistsError:
                     pass
                 try:

@@ -43,8 +43,7 @@ def test_every_numeric_key_is_range_checked():
         config = config_lib.defaults()
         default = config_lib.get(config, key)
         bad = type(default)(_bad_value(rng))
-        *parents, leaf = key.split(".")
-        (config_lib.get(config, ".".join(parents)) if parents else config)[leaf] = bad
+        config_lib.set_value(config, key, bad)
         with pytest.raises(ValueError, match=f"'{key}' must be in"):
             config_lib.validate(config)
     config = config_lib.defaults()
