@@ -92,6 +92,22 @@ def test_config_file_and_argument_errors_are_one_line(tmp_path, capsys):
     _fails(["--config", str(tmp_path / "missing.py")], capsys, "not found")
 
 
+def test_former_environment_switches_are_config_keys():
+    from repjax.data import folder
+    from repjax.nn import conv
+    from repjax.train import configure
+
+    config = config_lib.defaults()
+    config.data.cache_gb, config.conv_chunked_wgrad = 0.5, "off"
+    try:
+        configure(config)
+        assert folder.cache_limit_bytes() == 2**29 and not conv.chunked_default()
+    finally:
+        configure(config_lib.defaults())
+    assert folder.cache_limit_bytes() == 2 * 2**30
+    assert "stop_on_nan" not in config_lib.flatten(config_lib.defaults())  # was never read: removed
+
+
 def test_unknown_model_keyword_is_named():
     config = config_lib.defaults()
     config.model.kwargs.widht = 3

@@ -13,8 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from repjax import checkpoint, config as config_lib, eval as eval_lib, train as train_lib, workdir as workdir_lib
-from repjax.build import restore_variables
+from repjax import (
+    checkpoint,
+    config as config_lib,
+    eval as eval_lib,
+    sharding,
+    train as train_lib,
+    workdir as workdir_lib,
+)
+from repjax.build import build, restore_variables
 from repjax.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,9 +115,11 @@ def test_save_before_eval_and_preflight(tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "_evaluate", failing_eval)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         train_lib.train(_config(total_steps=4, eval_every_steps=2), tmp_path / "c")
-    ckpt = checkpoint.Checkpointer(tmp_path / "c" / "checkpoints")
-    assert ckpt.all_steps() == [2] and ckpt.verify(2) is None  # saved before the evaluation that failed
-    ckpt.close()
+    config = _config(total_steps=4, eval_every_steps=2)
+    abstract = build(config, 10, (8, 8, 1), sharding.make_mesh(config.mesh)).abstract_state
+    with checkpoint.Checkpointer(tmp_path / "c" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2] and ckpt.verify(2) is None  # saved before the evaluation that failed
+        assert ckpt.restore(abstract)[2] == {}  # no data-iterator state: the data position is the step
     assert not (tmp_path / "c" / "lock.json").exists()
 
 
