@@ -104,12 +104,12 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     built = build(config, num_classes, image_shape, mesh)
     model, tx, schedule, state_sharding = built.model, built.tx, built.schedule, built.state_sharding
     check_eval(config, model, built.abstract_state, eval_source, num_classes)
-    note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)  # all checks passed
-    if note and jax.process_index() == 0:
-        print(note, flush=True)
     state = jax.jit(built.make_state, out_shardings=state_sharding)()
     if config.init.get("path"):
         state = load_init(config, state, state_sharding)
+    note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)  # all checks passed
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     writer = closing.enter_context(MetricWriter(workdir))
     writer.write_hparams(config.to_dict(), file=False)
 
