@@ -7,8 +7,8 @@ pure function of (seed, step).
 
 Integrity: once orbax has finalised a save, the manifest records the size and sha256 of every file of the
 step (written atomically, by process 0). `restore` verifies it first. Without a `step`, a damaged checkpoint
-(changed, truncated, missing or extra files, no manifest because the save never completed, a stray step
-folder) is reported in one line, moved aside to `<directory>.damaged/<s>` (`set_aside=True`, what training
+(changed, truncated, missing or extra files, no manifest because the run stopped before the save was sealed,
+a stray step folder) is reported in one line, moved aside to `<directory>.damaged/<s>` (`set_aside=True`, what training
 does) or skipped (what evaluation does), and the newest intact one is restored. A damaged `step` asked for
 explicitly raises `CheckpointDamagedError`.
 
@@ -101,7 +101,7 @@ def verify(step_dir: str | Path) -> str | None:
     try:
         files = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
-        return "no manifest: the save did not complete, or this is not a checkpoint"
+        return "no manifest: the run stopped before this save was sealed, or this is not a checkpoint"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable manifest ({type(e).__name__})"
     present = _files(step_dir)
