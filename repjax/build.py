@@ -35,8 +35,15 @@ def example_shape(source: Any, pp: str) -> tuple[int, ...]:
 
 
 def build_model(config, num_classes: int) -> nn.Module:
-    return models.create(config.model.name, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                         **config.model.kwargs)
+    """The model of `config`; a keyword argument it does not take is a ValueError naming it."""
+    try:
+        return models.create(config.model.name, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+                             **config.model.kwargs)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise ValueError(f"model {config.model.name!r} rejects config.model.kwargs "
+                         f"{dict(config.model.kwargs)}: {str(e).partition('() ')[2] or e}") from None
 
 
 def build(config, num_classes: int, image_shape: tuple[int, ...], mesh: Mesh) -> Built:

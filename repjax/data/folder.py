@@ -4,7 +4,7 @@ Classes are the sorted class-folder names over all splits (label = index). Image
 Pillow (greyscale, palette, RGBA, CMYK -> RGB). Small splits are cached: the first `as_arrays()` call (the
 pipeline makes it) decodes every file once, in a thread pool, into one uint8 array (CIFAR-10's 50k JPEGs: a few
 seconds, 150 MB). By default (`cache=None`) a split is cached when its decoded size is estimated below
-`$REPJAX_CACHE_GB` (default 2) GiB.
+`config.data.cache_gb` (default 2) GiB (`set_cache_gb`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,16 @@ def decode(path: str) -> np.ndarray:
         return np.asarray(img, np.uint8)
 
 
+CACHE_GB = 2.0  # config.data.cache_gb, set by train/eval through `set_cache_gb`
+
+
+def set_cache_gb(gb: float) -> None:
+    global CACHE_GB
+    CACHE_GB = float(gb)
+
+
 def cache_limit_bytes() -> int:
-    return int(float(os.environ.get("REPJAX_CACHE_GB", "2")) * 2**30)
+    return int(CACHE_GB * 2**30)
 
 
 class FolderSource:
