@@ -38,6 +38,8 @@ def defaults() -> mlc.ConfigDict:
     c.data.mixup_alpha = 0.0
     c.data.cutmix_alpha = 0.0
     c.data.num_threads = 2
+    c.data.skip_bad_files = False  # drop undecodable images (counted in the log) instead of stopping
+    c.data.allow_missing_classes = False  # accept folder splits lacking some classes (labels: sorted union)
 
     c.loss = mlc.ConfigDict(dict(label_smoothing=0.0))
 

@@ -22,7 +22,7 @@ from repjax.evals import classification, cost
 def evaluate(config, *, workdir: str | None = None, throughput: bool = True) -> dict[str, Any]:
     """Metrics of a trained (workdir) or imported (`config.init.path`) model on the eval split."""
     mesh = sharding.make_mesh(config.mesh)
-    source = data.get_source(config.data.source, config.data.eval_split)
+    source = data.from_config(config, config.data.eval_split)
     image_shape = example_shape(source, config.data.eval_pp)
     built = build(config, source.num_classes, image_shape, mesh)
     model, state_sharding = built.model, built.state_sharding

@@ -54,7 +54,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
         raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
 
     # ---------------------------------------------------------------- Input
-    train_source = data.get_source(config.data.source, config.data.train_split)
+    train_source = data.from_config(config, config.data.train_split)
     num_classes = train_source.num_classes
     image_shape = example_shape(train_source, config.data.train_pp)
 
@@ -153,7 +153,7 @@ def _checked(step: int, metrics: dict[str, jax.Array], last_saved: int | None) -
 
 
 def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, float]:
-    source = data.get_source(config.data.source, config.data.eval_split)
+    source = data.from_config(config, config.data.eval_split)
     out = {}
     tags = [("", False)] + ([("ema_", True)] if config.ema_decay > 0 else [])
     for tag, ema in tags:

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from repjax.data import augment, mixup
+from repjax.data.base import DataError
 
 Batch = dict[str, np.ndarray]
 STREAM_END = 2**62  # "forever" for the step range of training
@@ -49,7 +50,10 @@ class BatchIterator(Iterator[Batch]):
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DataError as e:  # raised on a prefetch thread: keep the message, drop the thread-pool traceback
+            raise DataError(str(e)) from None
         self._step += 1
         return batch
 
