@@ -74,7 +74,8 @@ def defaults() -> mlc.ConfigDict:
     c.stop_on_nan = True
 
     c.evals = mlc.ConfigDict()  # name -> ConfigDict(type=<evaluator>, ...), run at the end
-    c.init = mlc.ConfigDict()  # optional: init.path (imported weights) and init.format
+    c.init = mlc.ConfigDict()  # optional: init.path (imported weights), init.format, init.reinit (regexes),
+    # init.reinit_mismatched_head (bool): see repjax.build.load_init
     return c
 
 
