@@ -44,6 +44,8 @@ def defaults() -> mlc.ConfigDict:
     c.data.cutmix_alpha = 0.0
     c.data.num_threads = 2
     c.data.cache_gb = 2.0  # folder/tfds splits smaller than this (decoded) are decoded once into memory
+    c.data.skip_bad_files = False  # drop undecodable images (counted in the log) instead of stopping
+    c.data.allow_missing_classes = False  # accept folder splits lacking some classes (labels: sorted union)
 
     c.loss = mlc.ConfigDict(dict(label_smoothing=0.0))
 
@@ -82,7 +84,8 @@ def defaults() -> mlc.ConfigDict:
     c.conv_chunked_wgrad = "auto"
 
     c.evals = mlc.ConfigDict()  # name -> ConfigDict(type=<evaluator>, ...), run at the end
-    c.init = mlc.ConfigDict()  # optional: init.path (imported weights) and init.format
+    c.init = mlc.ConfigDict()  # optional: init.path (imported weights), init.format, init.reinit (regexes),
+    # init.reinit_mismatched_head (bool): see repjax.build.load_init
     return c
 
 

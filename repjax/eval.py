@@ -51,7 +51,7 @@ def evaluate(config=None, *, workdir: str | None = None, step: int | None = None
         raise ValueError("Nothing to evaluate: give --workdir or --config.init.path")
     configure(config)
     mesh = sharding.make_mesh(config.mesh)
-    source = data.get_source(config.data.source, config.data.eval_split)
+    source = data.from_config(config, config.data.eval_split)
     image_shape = example_shape(source, config.data.eval_pp)
     built = build(config, source.num_classes, image_shape, mesh)
     model, state_sharding = built.model, built.state_sharding

@@ -94,8 +94,8 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
         raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
 
     # ---------------------------------------------------------------- Input
-    train_source = data.get_source(config.data.source, config.data.train_split)
-    eval_source = data.get_source(config.data.source, config.data.eval_split)
+    train_source = data.from_config(config, config.data.train_split)
+    eval_source = data.from_config(config, config.data.eval_split)
     num_classes = train_source.num_classes
     image_shape = example_shape(train_source, config.data.train_pp)
     config = config_lib.resolve_epochs(config, len(train_source))
@@ -203,7 +203,7 @@ def _checked(step: int, metrics: dict[str, jax.Array], last_saved: int | None) -
 
 
 def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, float]:
-    source = data.get_source(config.data.source, config.data.eval_split)
+    source = data.from_config(config, config.data.eval_split)
     out = {}
     tags = [("", False)] + ([("ema_", True)] if config.ema_decay > 0 else [])
     for tag, ema in tags:

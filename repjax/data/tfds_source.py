@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from repjax.data.base import SOURCES, UnknownSplitError
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, SourceOptions, UnknownSplitError
 from repjax.data.folder import cache_limit_bytes
 
 
@@ -116,7 +116,7 @@ class TfdsSource:
 
 
 @SOURCES.register("tfds")
-def tfds_source(arg: str | None, split: str) -> TfdsSource:
+def tfds_source(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> TfdsSource:
     if not arg:
         raise ValueError("Data source 'tfds' needs a dataset name: 'tfds:<name>' or 'tfds:<name>@<data_dir>'")
     name, _, data_dir = arg.partition("@")

@@ -50,8 +50,7 @@ def check(config) -> None:
         for key in ("split", "calib_split"):
             if spec.get(key) is not None or (key == "split" and spec.get("source") is not None):
                 try:
-                    data.get_source(spec.get("source") or config.data.source,
-                                    spec.get(key) or config.data.eval_split)
+                    data.from_config(config, spec.get(key) or config.data.eval_split, spec.get("source"))
                 except (ValueError, KeyError, FileNotFoundError) as e:
                     errors.append(f"evals.{name}.{key}: {e}")
     if errors:
