@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.data.eval_pp = "normalize(imagenet)"
     c.batch_size = arg.batch
     c.eval_batch_size = 500
-    c.total_steps = arg.epochs * 50_000 // arg.batch
+    c.total_steps, c.epochs = 0, arg.epochs  # steps resolved from the training split's size at run time
     c.optim.name = "sgd"
     c.optim.lr = 0.1 * arg.batch / 128
     c.optim.momentum = 0.9
@@ -28,5 +28,5 @@ def get_config(arg=None):
     c.optim.warmup_steps = 200
     c.checkpoint_every_steps = 1000
     c.log_every_steps = 50
-    c.eval_every_steps = 5 * 50_000 // arg.batch
+    c.eval_every_epochs = 5
     return c

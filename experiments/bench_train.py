@@ -8,7 +8,8 @@ ratio of the medians. Also reported: MFU (training FLOPs from XLA's cost analysi
 matmul peak of this machine) and the input pipeline's images/s on the shared CIFAR-10 (or synthetic data).
 Each step ends with the loss on the host in both frameworks (as a logged step would).
 On CPU, repjax convolutions compute their weight gradient in batch chunks (`repjax.nn.conv`); run with
-REPJAX_CONV_CHUNKED=0 to time the plain XLA convolution instead. PyTorch runs in its default NCHW layout.
+`--conv_chunked_wgrad off` (the config key of that name) to time the plain XLA convolution instead.
+PyTorch runs in its default NCHW layout.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--input_batches", type=int, default=100)
     p.add_argument("--out", default=str(REPO / "experiments/results/bench_train.json"))
+    p.add_argument("--conv_chunked_wgrad", choices=("auto", "on", "off"), default="auto")
     args = p.parse_args(argv)
+    conv.set_chunked_default(args.conv_chunked_wgrad)
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32)

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from repjax import bench, config as config_lib, models, sharding
+from repjax import bench, config as config_lib, data, models, sharding
 from repjax.build import restore_variables
 from repjax.evals import erf as erf_lib
 from repjax.evals.cost import param_count
@@ -53,9 +53,9 @@ def _config(name: str, args: argparse.Namespace, kernels: tuple[int, ...], steps
     c = config_lib.load(f"{REPO / 'configs/pelk/lk_imagenette.py'}:model={model},image_size={args.image_size},"
                         f"batch={args.batch},data=folder:{IMAGENETTE}")
     c.model.kwargs.update(kwargs)
-    c.total_steps = steps
-    c.optim.warmup_steps = max(steps // 10, 1)
-    c.eval_every_steps = 0
+    c.total_steps, c.epochs = steps, 0.0  # steps here: the cadences below derive from them
+    c.optim.warmup_steps, c.optim.warmup_epochs = max(steps // 10, 1), 0.0
+    c.eval_every_steps, c.eval_every_epochs = 0, 0.0
     c.checkpoint_every_steps = max(steps // 4, 1)
     c.log_every_steps = max(steps // 40, 1)
     return c
@@ -107,14 +107,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kernels = tuple(int(k) for k in args.kernels.split(","))
-    steps = 12 if args.quick else int(args.epochs * 9469 / args.batch)
+    num_train = len(data.get_source(f"folder:{IMAGENETTE}", "train"))
+    steps = 12 if args.quick else int(args.epochs * num_train / args.batch)
     configs = {name: _config(name, args, kernels, steps) for name in NAMES}
     workdirs = {name: out / "runs" / name for name in NAMES}
     runs = {name: train(cfg, workdirs[name]) for name, cfg in configs.items()}
 
     shape = (args.image_size, args.image_size, 3)
     mesh = sharding.make_mesh([("data", -1)])
-    results: dict[str, Any] = {"quick": args.quick, "steps": steps, "epochs": steps * args.batch / 9469,
+    results: dict[str, Any] = {"quick": args.quick, "steps": steps, "epochs": steps * args.batch / num_train,
                                "batch": args.batch, "image_size": args.image_size, "kernels": kernels, "dims": DIMS}
     erf_size = 2 * args.image_size
     for name, c in configs.items():

@@ -32,7 +32,7 @@ CIFAR = REPO.parent / "shared/data/cifar10"
 SHAPE = (32, 32, 3)
 
 
-def _config(name: str, epochs: float, batch: int, baseline: str) -> Any:
+def _config(name: str, epochs: float, batch: int, baseline: str, num_train: int) -> Any:
     data_arg = f"data=folder:{CIFAR},batch={batch},epochs=1"
     if name == "conv":
         c = config_lib.load(f"{REPO / 'configs/resnet_cifar10.py'}:depth={baseline.removeprefix('resnet')},"
@@ -40,10 +40,10 @@ def _config(name: str, epochs: float, batch: int, baseline: str) -> Any:
     else:
         local = int(name == "with_local")
         c = config_lib.load(f"{REPO / 'configs/repmlp/repmlpnet_cifar.py'}:local={local},{data_arg}")
-    steps = int(epochs * 50_000 / batch)
-    c.total_steps = steps
-    c.optim.warmup_steps = max(steps // 10, 1)
-    c.eval_every_steps = 0
+    steps = int(epochs * num_train / batch)
+    c.total_steps, c.epochs = steps, 0.0  # steps here: the cadences below derive from them
+    c.optim.warmup_steps, c.optim.warmup_epochs = max(steps // 10, 1), 0.0
+    c.eval_every_steps, c.eval_every_epochs = 0, 0.0
     c.checkpoint_every_steps = max(steps // 4, 1)
     c.log_every_steps = max(steps // 40, 1)
     return c
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{CIFAR} not found (the shared CIFAR-10 ImageFolder beside the checkout)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    epochs = 30 * args.batch / 50_000 if args.quick else args.epochs
-    configs = {name: _config(name, epochs, args.batch, args.baseline)
+    num_train = len(data.get_source(f"folder:{CIFAR}", "train"))
+    epochs = 30 * args.batch / num_train if args.quick else args.epochs
+    configs = {name: _config(name, epochs, args.batch, args.baseline, num_train)
                for name in ("with_local", "without_local", "conv")}
     workdirs = {name: out / "runs" / name for name in configs}
     runs = {name: train(cfg, workdirs[name]) for name, cfg in configs.items()}

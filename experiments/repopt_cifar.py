@@ -42,9 +42,9 @@ def _config(mode: str, steps: int, batch: int, scales: str = "") -> Any:
     arg += f",scales={scales}" if scales else ""
     c = config_lib.load(f"{REPO / 'configs/repopt/repopt_vgg_cifar.py'}:{arg}")
     c.model.kwargs.update(ARCH)
-    c.total_steps = steps
-    c.optim.warmup_steps = steps // 20
-    c.eval_every_steps = 0
+    c.total_steps, c.epochs = steps, 0.0  # steps here: the cadences below derive from them
+    c.optim.warmup_steps, c.optim.warmup_epochs = steps // 20, 0.0
+    c.eval_every_steps, c.eval_every_epochs = 0, 0.0
     c.checkpoint_every_steps = max(steps // 4, 1)
     c.log_every_steps = max(steps // 40, 1)
     if mode == "repvgg":  # same recipe, multi-branch model; BN (incl. the identity BN) and biases not decayed
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{CIFAR} not found (the shared CIFAR-10 ImageFolder beside the checkout)")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_epoch = 50_000 // args.batch
+    per_epoch = len(data.get_source(f"folder:{CIFAR}", "train")) // args.batch
     hs_steps, steps = (30, 60) if args.quick else (int(args.hs_epochs * per_epoch), int(args.epochs * per_epoch))
     workdirs = {name: out / "runs" / name for name in ("hs", "repopt", "repvgg")}
 

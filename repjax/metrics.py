@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,8 +50,27 @@ def _to_json(obj: Any) -> Any:
     return str(obj)
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cuts a last line without its newline (a write torn by a crash), so the next row starts a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - keep)
+        f.truncate(keep)
+
+
 class MetricWriter:
-    """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl`, scalars to `workdir/tb`."""
+    """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl`, scalars to `workdir/tb`.
+
+    A torn last line left by a crash is cut when the file is opened; `rewind` drops the rows of steps a
+    resumed run repeats.
+    """
 
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
         self.workdir = Path(workdir)
@@ -60,6 +80,7 @@ class MetricWriter:
         if not self.active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.workdir / METRICS_FILE)
         self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -80,12 +101,31 @@ class MetricWriter:
 
     write_scalars = write
 
-    def write_hparams(self, config: Any) -> None:
-        """Writes the run's configuration (dict or ConfigDict) to `workdir/config.json`."""
+    def rewind(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+        """Rewrites `metrics.jsonl` with only the rows for which `keep(row)` holds; returns how many went.
+
+        A resumed run calls it with "step <= restored step" so that the steps it repeats are not logged twice.
+        """
+        if not self.active or self._file is None:
+            return 0
+        self._file.close()
+        path = self.workdir / METRICS_FILE
+        rows = read_metrics(path)
+        kept = [r for r in rows if keep(r)]
+        tmp = path.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        return len(rows) - len(kept)
+
+    def write_hparams(self, config: Any, *, file: bool = True) -> None:
+        """Shows the configuration (dict or ConfigDict) in TensorBoard; with `file`, also writes
+        `workdir/config.json` (training leaves that file to `repjax.workdir`, which writes it once)."""
         if not self.active:
             return
         text = json.dumps(_to_json(config), indent=2, sort_keys=True)
-        (self.workdir / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        if file:
+            (self.workdir / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
         if self._tb is not None:
             self._tb.add_text("config", "```\n" + text + "\n```", global_step=0)
 
@@ -212,7 +252,7 @@ class ProgressBar:
 
 
 def summary(values: Mapping[str, Any], title: str = "Summary") -> str:
-    """A `key: value` block with aligned keys, e.g. for the end of a run."""
+    """A `key: value` block with aligned keys, e.g. for the end of a run (what train and eval print)."""
     width = max((len(str(k)) for k in values), default=0)
     lines = [f"== {title} " + "=" * max(3, 40 - len(title))]
     lines += [f"{k!s:<{width}} : {_fmt(v)}" for k, v in values.items()]

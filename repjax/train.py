@@ -1,12 +1,18 @@
 """`python -m repjax.train --config configs/<name>.py[:arg] [--config.<key>=<value>] --workdir <dir>`.
 
-One function, read top to bottom: mesh -> input -> model & optimizer -> shard -> step -> restore -> loop.
-Re-running the same command resumes from the last checkpoint in `workdir` and ends with the same
-parameters as an uninterrupted run (the data position and RNG are part of the checkpoint).
+One function, read top to bottom: check -> mesh -> input -> model & optimizer -> shard -> step -> restore ->
+loop. Re-running the same command resumes from the newest intact checkpoint in `workdir` and ends with the
+same parameters as an uninterrupted run (the data position is the step, the RNG is in the checkpoint). What
+the workdir holds, and how a resume treats a changed config, is in `repjax.workdir`.
+
+Exit status of `main`: 0 finished (total_steps reached), 2 bad config or input (one line on stderr; also a
+refused config change, a locked workdir, a non-finite loss), 3 preempted (SIGTERM/SIGINT: saved, rerun to
+resume), 4 stopped by `--stop_after` before total_steps (saved, rerun to continue).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import sys
@@ -16,12 +22,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from repjax import checkpoint, config as config_lib, data, evals, sharding
+from repjax import checkpoint, config as config_lib, data, evals, sharding, workdir as workdir_lib
 from repjax.build import build, example_shape, load_init
-from repjax.data import pipeline
+from repjax.data import folder, pipeline
 from repjax.evals import classification, cost
 from repjax.metrics import MetricWriter, ProgressBar
-from repjax.step import TrainState, make_train_step
+from repjax.nn import conv
+from repjax.step import TrainState, make_eval_step, make_train_step
+
+EXIT_FINISHED, EXIT_ERROR, EXIT_PREEMPTED, EXIT_STOPPED = 0, 2, 3, 4
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,16 +45,47 @@ def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) ->
         raise NonFiniteLossError(f"{what} at step {step}; stopping ({kept}).")
 
 
-def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict[str, Any]:
+def configure(config) -> None:
+    """Process-wide settings that come from the config (conv weight-gradient mode, data cache size)."""
+    conv.set_chunked_default(config.conv_chunked_wgrad)
+    folder.set_cache_gb(config.data.cache_gb)
+
+
+def check_eval(config, model, abstract_state, eval_source, num_classes: int) -> None:
+    """Before the first step: the eval split matches training and its preprocessing feeds the model."""
+    if eval_source.num_classes != num_classes:
+        raise ValueError(f"data.eval_split {config.data.eval_split!r} has {eval_source.num_classes} classes, "
+                         f"the training split {num_classes}")
+    shape = example_shape(eval_source, config.data.eval_pp)
+    batch = {"image": jax.ShapeDtypeStruct((1, *shape), np.float32),
+             "label": jax.ShapeDtypeStruct((1,), np.int32)}
+    try:
+        jax.eval_shape(make_eval_step(model), abstract_state.variables(), batch)
+    except Exception as e:
+        raise ValueError(f"data.eval_pp {config.data.eval_pp!r} gives images of shape {shape} that the model "
+                         f"cannot evaluate: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    evals.check(config)
+
+
+def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the experiment `config` in `workdir`; returns the final metrics.
 
     `stop_after` ends this invocation after that many steps with a checkpoint (time-sliced jobs, tests).
+    A resume whose config changes the result raises `workdir.ConfigChangedError` unless `allow_config_change`.
     """
     config_lib.validate(config)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    writer = MetricWriter(workdir)
-    writer.write_hparams(config.to_dict())
+    with workdir_lib.WorkdirLock(workdir), contextlib.ExitStack() as closing:
+        return _train(config, workdir, stop_after, allow_config_change, closing)
+
+
+def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_change: bool,
+           closing: contextlib.ExitStack) -> dict[str, Any]:
+    configure(config)
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(config.mesh)
@@ -54,16 +94,24 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
         raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
 
     # ---------------------------------------------------------------- Input
-    train_source = data.get_source(config.data.source, config.data.train_split)
+    train_source = data.from_config(config, config.data.train_split)
+    eval_source = data.from_config(config, config.data.eval_split)
     num_classes = train_source.num_classes
     image_shape = example_shape(train_source, config.data.train_pp)
+    config = config_lib.resolve_epochs(config, len(train_source))
 
     # ---------------------------------------------------------------- Model, optimizer, sharded state
     built = build(config, num_classes, image_shape, mesh)
     model, tx, schedule, state_sharding = built.model, built.tx, built.schedule, built.state_sharding
+    check_eval(config, model, built.abstract_state, eval_source, num_classes)
     state = jax.jit(built.make_state, out_shardings=state_sharding)()
     if config.init.get("path"):
         state = load_init(config, state, state_sharding)
+    note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)  # all checks passed
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
+    writer = closing.enter_context(MetricWriter(workdir))
+    writer.write_hparams(config.to_dict(), file=False)
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
@@ -76,11 +124,15 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     # ---------------------------------------------------------------- Restore
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
                                    save_every_steps=config.checkpoint_every_steps)
-    restored = ckpt.restore(built.abstract_state)
+    closing.enter_context(ckpt)
+    restored = ckpt.restore(built.abstract_state, set_aside=True)
     start = 0
     if restored is not None:
         start, state, _ = restored
         print(f"Resumed from step {start} in {workdir}", flush=True)
+    # Rows of steps this run repeats go (and the final rows of a finished run that is evaluated again).
+    writer.rewind(lambda r: r.get("step", 0) < start or (r.get("step", 0) == start and (
+        start < config.total_steps or any(str(k).startswith("train/") for k in r))))
 
     # ---------------------------------------------------------------- Loop
     batches = pipeline.train_batches(
@@ -113,10 +165,10 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                     writer.write(step, {f"train/{k}": v for k, v in mean.items()})
                     bar.update(step, mean)
                     window = []
+                if is_save and ckpt.save(step, state, force=True):  # before evaluating: an eval error keeps it
+                    last_saved = step
                 if config.eval_every_steps and step % config.eval_every_steps == 0 and step != end:
                     writer.write(step, _evaluate(config, model, state, mesh, "eval"))
-                if is_save and ckpt.save(step, state, {"data": batches.get_state()}, force=True):
-                    last_saved = step
                 if preempted:
                     status = "preempted"
                     print(f"Preempted: saved step {step} in {workdir}; rerun the command to resume.", flush=True)
@@ -139,8 +191,6 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
             metrics = fn(model, state.variables(ema=config.ema_decay > 0), config, mesh, **spec)
             result.update({f"{name}/{k}": v for k, v in metrics.items()})
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, int | float)})
-    writer.close()
-    ckpt.close()
     return result
 
 
@@ -153,7 +203,7 @@ def _checked(step: int, metrics: dict[str, jax.Array], last_saved: int | None) -
 
 
 def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, float]:
-    source = data.get_source(config.data.source, config.data.eval_split)
+    source = data.from_config(config, config.data.eval_split)
     out = {}
     tags = [("", False)] + ([("ema_", True)] if config.ema_decay > 0 else [])
     for tag, ema in tags:
@@ -165,15 +215,22 @@ def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line; exits with the statuses listed in the module docstring."""
     from repjax import cli
+    from repjax.metrics import summary
 
     config, args = cli.parse(sys.argv[1:] if argv is None else argv, need_workdir=True)
     try:
-        result = train(config, args.workdir, stop_after=args.stop_after)
-    except (NonFiniteLossError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    cli.print_summary(result)
+        result = train(config, args.workdir, stop_after=args.stop_after,
+                       allow_config_change=args.allow_config_change)
+    except (NonFiniteLossError, ValueError, KeyError, FileNotFoundError, workdir_lib.WorkdirLockedError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    if jax.process_index() == 0:
+        print(summary(result), flush=True)
+    status = {"finished": EXIT_FINISHED, "preempted": EXIT_PREEMPTED, "stopped": EXIT_STOPPED}[result["status"]]
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_validate_rejects_unknown_and_mistyped_keys():
 def test_config_file_and_argument(tmp_path):
     config = config_lib.load("configs/resnet_cifar10.py:depth=56,epochs=2")
     assert config.model.name == "resnet56"
-    assert config.total_steps == 2 * 50_000 // 128
+    assert config.epochs == 2 and config.total_steps == 0  # steps come from the training split's size
+    assert config_lib.resolve_epochs(config, 50_000).total_steps == 2 * (50_000 // 128)
     with pytest.raises(ValueError, match="Unknown config argument 'dpth'"):
         config_lib.load("configs/resnet_cifar10.py:dpth=56")
     with pytest.raises(FileNotFoundError):

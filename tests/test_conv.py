@@ -56,13 +56,17 @@ def test_conv_module_is_flax_conv(monkeypatch, chunked):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), got, want)
 
 
-def test_env_switch(monkeypatch):
-    monkeypatch.setenv("REPJAX_CONV_CHUNKED", "0")
-    assert not rconv.chunked_default()
-    monkeypatch.setenv("REPJAX_CONV_CHUNKED", "1")
-    assert rconv.chunked_default()
-    monkeypatch.delenv("REPJAX_CONV_CHUNKED")
+def test_config_switch():
+    try:
+        rconv.set_chunked_default("off")
+        assert not rconv.chunked_default()
+        rconv.set_chunked_default("on")
+        assert rconv.chunked_default()
+    finally:
+        rconv.set_chunked_default("auto")
     assert rconv.chunked_default() == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="conv_chunked_wgrad"):
+        rconv.set_chunked_default("1")
 
 
 @pytest.mark.parametrize("train", [True, False])

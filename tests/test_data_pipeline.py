@@ -96,6 +96,20 @@ def test_epochs_cover_every_example_in_new_orders(source):
     assert not np.array_equal(labels[:24], other)
 
 
+@pytest.mark.parametrize("seed", [3, -1, 2**40])
+def test_epoch_orders_are_grains_index_stream(seed):
+    """Stream position q holds `grain.MapDataset.range(n).shuffle(s)[q]` (s derived from any-size seeds):
+    grain's stateless per-epoch shuffle, not an order built, cached and locked here."""
+    import grain
+
+    src = data.ArraySource(np.zeros((10, 2, 2, 1), np.uint8), np.arange(10), [str(i) for i in range(10)])
+    labels = np.concatenate([b["label"] for b in _take(_train(src, seed=seed, pp="normalize(0, 1)"), 5)])
+    shuffle_seed = int(pipeline.example_rng(seed, 0).integers(2**32))
+    order = grain.MapDataset.range(10).shuffle(seed=shuffle_seed)
+    np.testing.assert_array_equal(labels, [order[q] for q in range(40)])
+    assert sorted(labels[10:20]) == list(range(10)) and not np.array_equal(labels[:10], labels[10:20])
+
+
 def test_augmentation_depends_on_seed_and_epoch(source):
     a = next(_train(source, seed=0))
     b = next(_train(source, seed=0))

@@ -76,8 +76,12 @@ def test_folder_layout_modes_and_cache(tmp_path):
     _save(tmp_path / "train" / "ant" / "d.JPEG", rgb)
     (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
     _save(tmp_path / "test" / "zebra" / "e.jpg", rgb)
-    _save(tmp_path / "test" / "bee" / "f.png", rgb)  # a class only in test still gets its sorted index
-    src = data.get_source(f"folder:{tmp_path}", "train")
+    _save(tmp_path / "test" / "bee" / "f.png", rgb)  # a class only in test: refused unless allowed explicitly
+    _save(tmp_path / "test" / "ant" / "g.png", rgb)
+    with pytest.raises(data.DataError, match=r"split 'train' lacks 'bee'.*allow_missing_classes"):
+        data.get_source(f"folder:{tmp_path}", "train")
+    allow = data.SourceOptions(allow_missing_classes=True)
+    src = data.get_source(f"folder:{tmp_path}", "train", allow)  # then it still gets its sorted index
     assert src.class_names == ["ant", "bee", "zebra"] and src.num_classes == 3
     assert len(src) == 4
     assert [src[i]["label"] for i in range(4)] == [0, 0, 0, 2]
@@ -91,7 +95,7 @@ def test_folder_layout_modes_and_cache(tmp_path):
         np.testing.assert_array_equal(images[i], lazy[i])
         np.testing.assert_array_equal(src[i]["image"], lazy[i])
     np.testing.assert_array_equal(labels, [0, 0, 0, 2])
-    assert FolderSource(tmp_path, "train", cache=False).as_arrays() is None
+    assert FolderSource(tmp_path, "train", cache=False, options=allow).as_arrays() is None
     with pytest.raises(data.UnknownSplitError, match="available: test, train"):
         data.get_source(f"folder:{tmp_path}", "val")
 

@@ -5,8 +5,9 @@ Equivalence: tiny variants in float32, eval mode, every variable randomized (BN 
 scale, LN, PE), max|deploy - train| <= 1e-5 * max|train| on the logits.
 
 Cost tables: full-size models are only shape-evaluated (jax.eval_shape on init), MACs are analytic
-(`macs`). Measured (this code) vs paper, 224 px unless noted; "sparse" = SLaK's accounting, 40% of every
-conv/linear weight (theta included, stage PE not) zero, MACs scaled by 0.6:
+(`macs(..., branches=True)`: every training-form branch; the default `macs` counts the deploy form, which
+for SLaK merges the stripes into k x k). Measured (this code) vs paper, 224 px unless noted; "sparse" =
+SLaK's accounting, 40% of every conv/linear weight (theta included, stage PE not) zero, MACs scaled by 0.6:
 
     model          params (M)         GMACs              paper
     ConvNeXt-T     28.59              4.46               28.6M / 4.5G
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repjax.models import create, names
+from repjax.models import abstract_variables, create, names, variant
 from repjax.projects.pelk import lk_convnext as lkc, peripheral as pk, replknet as rlk
 
 REL_TOL = 1e-5
@@ -74,9 +75,10 @@ def test_deploy_equals_training_form(family):
     model = create(name, **kw)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
     variables = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
-    reparam = rlk.reparameterize if family == "replknet" else lkc.reparameterize
-    deploy_vars = jax.jit(reparam)(variables)
-    deploy = model.clone(deploy=True)
+    fam = variant(name).family
+    assert fam.name == family.split("_")[0]
+    deploy_vars = jax.jit(lambda v: fam.reparameterize(v, model))(variables)
+    deploy = fam.deploy(model)
     want = jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))
     assert jax.tree.map(lambda a: a.shape, deploy_vars) == jax.tree.map(lambda a: a.shape, want)
     y = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
@@ -129,11 +131,12 @@ def test_registry():
 @functools.cache
 def counts(name: str) -> tuple[float, float, float, float, object]:
     model = create(name)
-    params = (lkc.abstract_variables(model) if not name.startswith("replknet") else
-              jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))["params"]
+    params = abstract_variables(model, 32)["params"]
     res = 384 if name == "pelk_b101" else 224
-    mac = rlk.macs if name.startswith("replknet") else lkc.macs
-    sp_mac = mac(model, res) if name.startswith("replknet") else lkc.macs(model, res, sparsity=0.4)
+    fam_macs = variant(name).family.macs
+    assert isinstance(fam_macs(model, res), int) and fam_macs(model, res) == fam_macs(model.clone(deploy=True), res)
+    mac = functools.partial(fam_macs, branches=True)  # the table counts training-form branches (module doc)
+    sp_mac = mac(model, res) if name.startswith("replknet") else mac(model, res, sparsity=0.4)
     return (lkc.param_count(params) / 1e6, lkc.param_count(params, 0.4) / 1e6, mac(model, res) / 1e9, sp_mac / 1e9,
             params)
 
@@ -173,3 +176,18 @@ def test_pelk_dense_and_component_counts():
     g = pk.partial_channels(124)
     mixer = params["stages_0_0"]["mixer"]
     assert lkc.param_count(mixer) == g * 13**2 + g * 25 + 4 * g
+
+
+def test_deploy_form_macs():
+    """Default `macs` = the deploy form: RepLKNet-31B 15.35G (paper 15.3G; branches 15.43G); SLaK-T's merged
+    k x k kernels cost 13.73G against its published stripe form (8.70G dense, 5.22G sparse); ConvNeXt has one
+    form. The deploy model gives the same count with and without `branches`."""
+    r31 = create("replknet_31b")
+    assert abs(rlk.macs(r31, 224) / 1e9 - 15.354) < 1e-3
+    assert abs(rlk.macs(r31, 224, branches=True) / 1e9 - 15.431) < 1e-3
+    slak = create("slak_t")
+    assert abs(lkc.macs(slak, 224) / 1e9 - 13.730) < 1e-3
+    assert abs(lkc.macs(slak, 224, branches=True) / 1e9 - 8.705) < 1e-3
+    assert lkc.macs(slak.clone(deploy=True), 224, branches=True) == lkc.macs(slak, 224)
+    convnext = create("convnext_t")
+    assert lkc.macs(convnext, 224) == lkc.macs(convnext, 224, branches=True)

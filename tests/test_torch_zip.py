@@ -3,6 +3,7 @@ pickles that reference anything else (checked without torch, on files built by h
 
 import collections
 import os
+import pathlib
 import pickle
 import sys
 import zipfile
@@ -101,7 +102,15 @@ def test_malicious_global_is_refused_and_not_executed(tmp_path):
     path = tmp_path / "evil.pth"
     _write_archive(path, pickle.dumps({"w": _Exploit(marker)}, protocol=2), {})
     with pytest.raises(UnsafePickleError, match=r"'(posix|os|nt)\.system'"):
-        torch_zip.load(path)
+        torch_zip.load(path, strict=True)
+    assert not marker.exists()
+    # By default the call becomes an inert placeholder that records its arguments: still nothing runs.
+    inert = torch_zip.load(path)["w"]
+    assert isinstance(inert, torch_zip.Opaque) and inert.global_name in ("posix.system", "os.system", "nt.system")
+    assert inert.args == (f"touch {marker}",)
+    assert not marker.exists()
+    with pytest.raises(UnsafePickleError, match=r"w \((posix|os|nt)\.system, not executed\)"):
+        torch_zip.load_state_dict(path)
     assert not marker.exists()
     # Also inside an otherwise valid state_dict, and for builtins such as eval.
     evil = _global("builtins", "eval") + b"(" + _str("1+1") + b"tR"
@@ -109,6 +118,8 @@ def test_malicious_global_is_refused_and_not_executed(tmp_path):
                    {"0": np.zeros(1, np.float32).tobytes()})
     with pytest.raises(UnsafePickleError, match=r"builtins\.eval"):
         torch_zip.load_state_dict(path)
+    with pytest.raises(UnsafePickleError, match=r"builtins\.eval"):
+        torch_zip.load(path, strict=True)
 
 
 def test_out_of_bounds_view_and_missing_storage_are_errors(tmp_path):
@@ -196,3 +207,134 @@ def test_repjax_load_state_dict_without_torch(tmp_path, monkeypatch):
     for k in with_torch:
         assert without[k].dtype == with_torch[k].dtype, k
         np.testing.assert_array_equal(without[k], with_torch[k])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes checked against the pickled metadata before reading; bounded memory; damaged files.
+
+
+def test_storage_size_must_match_metadata_before_reading(tmp_path):
+    path = tmp_path / "short.pth"
+    pkl = _dict_pickle({"w": _tensor("FloatStorage", "0", 4, 0, (4,), (1,))})
+    _write_archive(path, pkl, {"0": np.zeros(3, np.float32).tobytes()})  # 12 bytes, metadata says 16
+    with pytest.raises(TorchZipError, match=r"storage '0' holds 12 bytes, but its tensor metadata says 4 x 4 = 16"):
+        torch_zip.load(path)
+    _write_archive(path, pkl, {"0": np.zeros(1000, np.float32).tobytes()})  # more than the metadata: also refused
+    with pytest.raises(TorchZipError, match=r"holds 4000 bytes"):
+        torch_zip.load(path)
+
+
+def test_small_file_inflating_to_gigabytes_is_refused_without_reading_it(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "bomb.pth"
+    numel = 64 * 2**20 // 4  # 64 MiB of zeros: deflates to ~64 KiB
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", _dict_pickle({"w": _tensor("FloatStorage", "0", numel, 0, (numel,), (1,))}))
+        with z.open("archive/data/0", "w") as f:
+            chunk = bytes(2**20)
+            for _ in range(64):
+                f.write(chunk)
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(TorchZipError, match=r"inflates to more than .* entry 'archive/data/0' alone is 67108864"):
+            torch_zip.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # the 64 MiB entry was never read
+    assert torch_zip.load(path, max_inflation=1e6)["w"].shape == (numel,)  # a trusted re-compressed file
+
+
+def test_truncated_or_corrupted_archive_names_the_file(tmp_path):
+    path = tmp_path / "w.pth"
+    _write_archive(path, _dict_pickle({"w": _tensor("FloatStorage", "0", 256, 0, (256,), (1,))}),
+                   {"0": np.arange(256, dtype=np.float32).tobytes()})
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(TorchZipError, match=r"cut\.pth' is a truncated or damaged zip"):
+        torch_zip.load(cut)
+    flipped = bytearray(raw)
+    at = raw.index(np.arange(256, dtype=np.float32).tobytes()) + 100
+    flipped[at] ^= 0xFF
+    bad = tmp_path / "flipped.pth"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(TorchZipError, match=r"flipped\.pth' is damaged: entry 'archive/data/0'"):
+        torch_zip.load(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training checkpoints that pickle their config object (argparse.Namespace, custom classes): tensors read,
+# the objects left inert.
+
+
+class _TrainConfig:
+    """A custom config class; unpickling it for real would run `__setstate__` (which leaves a marker)."""
+
+    def __init__(self, marker):
+        self.marker, self.lr, self.epochs = str(marker), 0.1, 240
+
+    def __setstate__(self, state):
+        pathlib.Path(state["marker"]).touch()
+        self.__dict__.update(state)
+
+
+def test_checkpoint_with_pickled_config_objects(tmp_path):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "ran"
+    weights = collections.OrderedDict(w=torch.arange(6.0).reshape(2, 3), b=torch.ones(2))
+    ckpt = {"model": weights, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3,
+            "args": argparse.Namespace(arch="RepOpt-VGG-B1", lr=0.1, scales_path=None),
+            "config": _TrainConfig(marker)}
+    path = tmp_path / "hs.pth"
+    torch.save(ckpt, path)
+    sd = tio.load_state_dict(path)
+    assert list(sd) == ["w", "b"]
+    np.testing.assert_array_equal(sd["w"], np.arange(6.0).reshape(2, 3))
+    whole = torch_zip.load(path)
+    args, config = whole["args"], whole["config"]
+    assert isinstance(args, torch_zip.Opaque) and args.global_name == "argparse.Namespace"
+    assert args.state == {"arch": "RepOpt-VGG-B1", "lr": 0.1, "scales_path": None}
+    assert config.global_name.endswith("_TrainConfig") and config.state["epochs"] == 240
+    assert not marker.exists()  # the class's code never ran
+    with pytest.raises(UnsafePickleError, match=r"argparse\.Namespace"):
+        torch_zip.load(path, strict=True)
+
+
+def test_torch_path_never_advises_weights_only_false(tmp_path):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(tio.WeightImportError, match=r"refusing .*legacy\.pth.*never runs code") as info:
+        tio.load_state_dict(path)
+    assert "weights_only=False" not in str(info.value)
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(tio.load_state_dict(path)["w"], [1, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite weights are refused at read time, naming the key, in every format.
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_key(tmp_path):
+    good = {"conv.weight": np.ones((2, 2), np.float32), "bn.num_batches_tracked": np.array(3)}
+    bad = {**good, "head.bias": np.array([0.0, np.nan, np.inf, -np.inf], np.float32)}
+    tio.save_state_dict(tmp_path / "bad.npz", bad)
+    with pytest.raises(tio.WeightImportError, match=r"bad\.npz.*\n.*NaN or inf \(1\):\n    head\.bias \(4,\): "
+                                                    r"1 NaN, 2 inf"):
+        tio.load_state_dict(tmp_path / "bad.npz")
+    assert set(tio.load_state_dict(tmp_path / "bad.npz", allow_nonfinite=True)) == set(bad)
+    pkl = _dict_pickle({"ok": _tensor("FloatStorage", "0", 2, 0, (2,), (1,)),
+                        "bf": _tensor("BFloat16Storage", "1", 2, 0, (2,), (1,))})
+    _write_archive(tmp_path / "bad.pth", pkl, {"0": np.ones(2, np.float32).tobytes(),
+                                               "1": np.array([1, np.inf], ml_dtypes.bfloat16).tobytes()})
+    with pytest.raises(tio.WeightImportError, match=r"    bf \(2,\): 0 NaN, 1 inf"):
+        tio.load_state_dict(tmp_path / "bad.pth")
+    tio.save_state_dict(tmp_path / "good.npz", good)
+    assert set(tio.load_state_dict(tmp_path / "good.npz")) == set(good)

@@ -30,8 +30,7 @@ def get_config(arg=None):
     c.data.eval_pp = "normalize(cifar10)"
     c.batch_size = arg.batch
     c.eval_batch_size = 500
-    steps_per_epoch = 50_000 // arg.batch
-    c.total_steps = arg.epochs * steps_per_epoch
+    c.total_steps, c.epochs = 0, arg.epochs  # steps resolved from the training split's size at run time
     c.loss.label_smoothing = 0.1
     c.optim.name = "sgd"
     c.optim.momentum = 0.9
@@ -39,7 +38,7 @@ def get_config(arg=None):
     c.optim.lr = 0.1 * arg.batch / 256
     c.optim.weight_decay = 4e-5
     c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 10 * steps_per_epoch
+    c.optim.warmup_epochs = 10
     if arg.mode == "hs":
         c.optim.clip_norm = 5.0
         c.optim.rules = hs_rules()
@@ -49,5 +48,5 @@ def get_config(arg=None):
         c.optim.rules = repopt_sgd_rules(arg.scales)
     c.checkpoint_every_steps = 2000
     c.log_every_steps = 50
-    c.eval_every_steps = 10 * steps_per_epoch
+    c.eval_every_epochs = 10
     return c

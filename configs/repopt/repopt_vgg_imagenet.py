@@ -14,8 +14,6 @@ s*W3 + pad(t*W1) + pad(diag d) of the searched `scales` (.npz, `repjax.projects.
 from repjax import config as config_lib
 from repjax.projects.repopt.grad_mult import repopt_sgd_rules
 
-TRAIN_IMAGES = 1_281_167
-
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, variant="b1", scales="", data="folder:<imagenet path>", epochs=120,
@@ -34,8 +32,7 @@ def get_config(arg=None):
     c.data.num_threads = 16
     c.batch_size = arg.batch
     c.eval_batch_size = 500
-    steps_per_epoch = TRAIN_IMAGES // arg.batch
-    c.total_steps = arg.epochs * steps_per_epoch
+    c.total_steps, c.epochs = 0, arg.epochs  # steps resolved from the training split's size at run time
     c.loss.label_smoothing = 0.1
     c.optim.name = "sgd"
     c.optim.momentum = 0.9
@@ -43,11 +40,11 @@ def get_config(arg=None):
     c.optim.lr = 0.1 * arg.batch / 256
     c.optim.weight_decay = 4e-5
     c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 5 * steps_per_epoch
+    c.optim.warmup_epochs = 5
     c.optim.clip_norm = 0.0  # never clip with RepOptimizer (§1.7)
     c.optim.rules = repopt_sgd_rules(arg.scales)
     c.ema_decay = 0.0
     c.checkpoint_every_steps = 5000
     c.log_every_steps = 100
-    c.eval_every_steps = 5 * steps_per_epoch
+    c.eval_every_epochs = 5
     return c

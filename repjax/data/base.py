@@ -8,6 +8,7 @@ augments whole batches at once.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,6 +28,34 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """Settings every source factory receives (`config.data.<field>`; see `from_config`).
+
+    skip_bad_files: drop files that do not decode (corrupt, truncated, oversized) instead of stopping, with a
+      count in the log; such sources decode every file once when built, so that their length never changes.
+    allow_missing_classes: accept an ImageFolder split that lacks some class folders of the other splits
+      (labels are then the sorted union); by default that is an error, as is any class name spelled differently.
+    """
+
+    skip_bad_files: bool = False
+    allow_missing_classes: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> SourceOptions:
+        """From a full config (its `data` block), or from the `data` block itself."""
+        block = config.data if hasattr(config, "data") else config
+        return cls(**{f.name: bool(block.get(f.name, f.default)) for f in dataclasses.fields(cls)})
+
+
+DEFAULT_OPTIONS = SourceOptions()
+
+
+class DataError(ValueError):
+    """Bad input data (an undecodable image, a damaged archive, inconsistent class folders): the message names
+    the file(s)."""
 
 
 class UnknownSplitError(KeyError):

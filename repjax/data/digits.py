@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from repjax.data.base import SOURCES, ArraySource, check_split
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, ArraySource, SourceOptions, check_split
 
 TEST_SIZE = 300
 SPLIT_SEED = 0
@@ -27,7 +27,7 @@ def _arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 @SOURCES.register("digits")
-def digits(arg: str | None, split: str) -> ArraySource:
+def digits(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> ArraySource:
     if arg:
         raise ValueError(f"Data source 'digits' takes no argument, got 'digits:{arg}'")
     check_split("digits", split, ("train", "test"))

@@ -1,8 +1,10 @@
 """Deterministic, resumable, process-count-independent batches: `train_batches` and `eval_batches`.
 
-Training reads the source as an endless stream of epochs, each in its own order (a permutation seeded by
-(seed, epoch)); global step s holds stream positions [s*B, (s+1)*B), so a batch may straddle two epochs and
-no example is dropped. Every example's augmentation draws from its own generator seeded by
+Training reads the source as an endless stream of epochs, each in its own order: grain's index stream
+`MapDataset.range(n).shuffle(seed)` maps stream position q to an example, reshuffling every epoch (epoch q // n
+is shuffled with seed + epoch by a stateless index permutation, so no epoch order is ever materialised, cached or
+locked); global step s holds stream positions [s*B, (s+1)*B), so a batch may straddle two epochs and no example
+is dropped. Every example's augmentation draws from its own generator seeded by
 (seed, epoch, position in epoch), and mixup/cutmix from one seeded by (seed, step). Hence the global batch at
 step s is a pure function of (seed, s): process p of P computes rows [p*B/P, (p+1)*B/P) of the same batch,
 and resuming is just starting at another step (`start_step`, or `set_state(get_state())`).
@@ -17,7 +19,6 @@ the ops' vectorised forms (`augment.Preprocess.batch`).
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ import grain
 import numpy as np
 
 from repjax.data import augment, mixup
+from repjax.data.base import DataError
 
 Batch = dict[str, np.ndarray]
 STREAM_END = 2**62  # "forever" for the step range of training
@@ -49,7 +51,10 @@ class BatchIterator(Iterator[Batch]):
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DataError as e:  # raised on a prefetch thread: keep the message, drop the thread-pool traceback
+            raise DataError(str(e)) from None
         self._step += 1
         return batch
 
@@ -114,25 +119,13 @@ def train_batches(source: Any, *, global_batch_size: int, seed: int, pp: str, pr
     mixing = mixup_alpha > 0 or cutmix_alpha > 0
     num_classes = num_classes or source.num_classes
     examples = _Examples(source, pp)
-    perms: dict[int, np.ndarray] = {}
-    lock = threading.Lock()
-
-    def order(epoch: int) -> np.ndarray:
-        with lock:
-            if epoch not in perms:
-                perms[epoch] = example_rng(seed, 0, epoch).permutation(n)
-                while len(perms) > 4:  # keep the latest few epochs' orders
-                    del perms[next(iter(perms))]
-            return perms[epoch]
+    # grain's shuffle takes a 32-bit seed; derive one from the (any-size) run seed.
+    order = grain.MapDataset.range(n).shuffle(seed=int(example_rng(seed, 0).integers(2**32)))
 
     def load(step: int, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = step * global_batch_size + global_rows
-        epochs, positions = q // n, q % n
-        indices = np.empty_like(q)
-        for epoch in np.unique(epochs):  # one or two epochs per batch
-            here = epochs == epoch
-            indices[here] = order(int(epoch))[positions[here]]
-        rngs = [example_rng(seed, 1, e, p) for e, p in zip(epochs, positions)]
+        indices = np.fromiter((order[int(i)] for i in q), np.int64, len(q))
+        rngs = [example_rng(seed, 1, i // n, i % n) for i in q]
         return examples(indices, rngs)
 
     def make(step: int) -> Batch:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from repjax.data.base import SOURCES, check_split
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, SourceOptions, check_split
 
 SPLITS = ("train", "test")
 
@@ -60,7 +60,7 @@ def parse(arg: str | None) -> tuple[tuple[int, int, int], int, int]:
 
 
 @SOURCES.register("synthetic")
-def synthetic(arg: str | None, split: str) -> SyntheticSource:
+def synthetic(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> SyntheticSource:
     shape, size, classes = parse(arg)
     check_split("synthetic", split, SPLITS)
     return SyntheticSource(shape, size, classes, SPLITS.index(split))

@@ -3,7 +3,7 @@
 Reading needs `tensorflow-datasets`, `importlib_resources`, `array-record` and Pillow, not TensorFlow.
 `<name>` may carry a config/version (`cifar10/3.0.2`); `<data_dir>` defaults to `$TFDS_DATA_DIR`, then to
 TFDS's own default (~/tensorflow_datasets). Splits accept TFDS slicing (`train[:10%]`). Like `folder:`, a split
-whose decoded size is below `$REPJAX_CACHE_GB` (default 2) GiB is decoded once into memory on the first
+whose decoded size is below `config.data.cache_gb` (default 2) GiB is decoded once into memory on the first
 `as_arrays()` call (the pipeline makes it).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from repjax.data.base import SOURCES, UnknownSplitError
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, SourceOptions, UnknownSplitError
 from repjax.data.folder import cache_limit_bytes
 
 
@@ -116,7 +116,7 @@ class TfdsSource:
 
 
 @SOURCES.register("tfds")
-def tfds_source(arg: str | None, split: str) -> TfdsSource:
+def tfds_source(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> TfdsSource:
     if not arg:
         raise ValueError("Data source 'tfds' needs a dataset name: 'tfds:<name>' or 'tfds:<name>@<data_dir>'")
     name, _, data_dir = arg.partition("@")

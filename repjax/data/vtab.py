@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from repjax.data.base import SOURCES, check_split
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, SourceOptions, check_split
 from repjax.data.folder import decode
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -198,7 +198,7 @@ def _builder(tfds_name: str, data_dir: str | None) -> Any:
 
 
 @SOURCES.register("vtab")
-def vtab(arg: str | None, split: str) -> VtabTfdsSource:
+def vtab(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> VtabTfdsSource:
     if not arg:
         raise ValueError(f"Data source 'vtab' needs a task: 'vtab:<task>[@<data_dir>]', tasks: {', '.join(TASKS)}")
     task, _, data_dir = arg.partition("@")
@@ -250,7 +250,7 @@ class TxtListSource:
 
 
 @SOURCES.register("vtab_txt")
-def vtab_txt(arg: str | None, split: str) -> TxtListSource:
+def vtab_txt(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> TxtListSource:
     if not arg:
         raise ValueError("Data source 'vtab_txt' needs a task folder: 'vtab_txt:<root>/<task>'")
     return TxtListSource(arg, split)

@@ -22,3 +22,36 @@ def get(name: str):
         importlib.import_module(f"repjax.evals.{module}")
     projects.import_all()
     return EVALUATORS.get(name)
+
+
+def check(config) -> None:
+    """Checks every `config.evals` entry before any work: a registered evaluator whose keyword arguments bind
+    (`inspect.signature`), and any `source`/`split`/`calib_split` it names exists. Raises ValueError."""
+    import inspect
+
+    from repjax import data
+
+    errors = []
+    for name, spec in config.evals.items():
+        spec = dict(spec)
+        if "type" not in spec:
+            errors.append(f"evals.{name}: no 'type' (the evaluator's name; known: {', '.join(EVALUATORS)})")
+            continue
+        try:
+            fn = get(spec.pop("type"))
+        except KeyError as e:
+            errors.append(f"evals.{name}: {e.args[0]}")
+            continue
+        try:
+            inspect.signature(fn).bind(None, None, config, None, **spec)
+        except TypeError as e:
+            errors.append(f"evals.{name}: evaluator {fn.__name__!r}: {e}")
+            continue
+        for key in ("split", "calib_split"):
+            if spec.get(key) is not None or (key == "split" and spec.get("source") is not None):
+                try:
+                    data.from_config(config, spec.get(key) or config.data.eval_split, spec.get("source"))
+                except (ValueError, KeyError, FileNotFoundError) as e:
+                    errors.append(f"evals.{name}.{key}: {e}")
+    if errors:
+        raise ValueError("Invalid config.evals:\n  " + "\n  ".join(errors))

@@ -36,6 +36,6 @@ def evaluate(model: nn.Module, variables: dict[str, Any], source: Any, *, batch_
 def classification(model: nn.Module, variables: dict[str, Any], config, mesh: Mesh, *,
                    split: str | None = None, source: str | None = None) -> dict[str, float]:
     """Evaluator entry: a split of the configured (or another) source."""
-    src = data.get_source(source or config.data.source, split or config.data.eval_split)
+    src = data.from_config(config, split or config.data.eval_split, source)
     return evaluate(model, variables, src, batch_size=config.eval_batch_size, pp=config.data.eval_pp,
                     mesh=mesh)

@@ -191,7 +191,7 @@ def erf(model: nn.Module, variables: dict[str, Any], config, mesh: Mesh, *, imag
     """Evaluator entry: ERF area ratios (`ratio_<t>`, `side_<t>`), image counts, and the feature used.
     `pp` (default: the normalisation ops of the eval preprocessing) runs after the resize; `save` writes
     `<save>.npy` (raw mean map) and `<save>.png` (heat map) from process 0."""
-    src = data.get_source(source or config.data.source, split or config.data.eval_split)
+    src = data.from_config(config, split or config.data.eval_split, source)
     indices = sorted(set(np.linspace(0, len(src) - 1, min(num_images, len(src))).round().astype(int).tolist()))
     step = mesh.size * jax.process_count() // np.gcd(mesh.size, jax.process_count())
     bs = -(-(batch_size or min(8, len(indices))) // step) * step

@@ -15,9 +15,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import pickle
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -176,32 +180,78 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     return obj
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a state_dict as numpy arrays from `.npz`, or `.pth`/`.pt`/`.th` (with torch when installed, else
-    with the torch-free `repjax.io.torch_zip` reader for zip-format files)."""
+def load_state_dict(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """Loads a state_dict as numpy arrays from `.npz` or `.pth`/`.pt`/`.th`.
+
+    Zip-format PyTorch files (torch >= 1.6) are read by the torch-free `repjax.io.torch_zip` reader whether or not
+    torch is installed: it never runs pickled code, bounds memory, and skips objects pickled beside the tensors
+    (a training config). Legacy pre-1.6 files need torch (`torch.load(weights_only=True)`). Floating-point
+    tensors holding NaN or inf are refused, naming the keys, unless `allow_nonfinite`.
+    """
     path = os.fspath(path)
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    if not path.endswith((".pth", ".pt", ".th")):
+        try:
+            with np.load(path) as f:
+                sd = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, damaged
+            raise WeightImportError(f"cannot read {path!r} as .npz: {type(e).__name__}: {e}") from None
+    elif not path.endswith((".pth", ".pt", ".th")):
         raise ValueError(f"unknown state_dict format {path!r}: expected .npz, .pth, .pt or .th")
+    elif zipfile.is_zipfile(path) or _starts_with(path, b"PK"):
+        from repjax.io import torch_zip
+
+        sd = torch_zip.load_state_dict(path, upcast_bfloat16=True)
+    else:
+        sd = _load_legacy(path)
+    if not allow_nonfinite:
+        check_finite(sd, path)
+    return sd
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _load_legacy(path: str) -> dict[str, np.ndarray]:
+    """A pre-1.6 (non-zip) PyTorch file, through `torch.load(weights_only=True)`."""
     try:
         import torch
     except ImportError as e:
-        import zipfile
-
-        if zipfile.is_zipfile(path):  # torch >= 1.6 format: the safe pure-numpy reader needs no torch
-            from repjax.io import torch_zip
-
-            return torch_zip.load_state_dict(path, upcast_bfloat16=True)
         raise ImportError(f"reading the legacy-format {path!r} needs PyTorch (pip install 'repjax[torch]'), "
                           "or convert it to .npz with numpy first") from e
-    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False, which runs the file's code
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise WeightImportError(
+            f"refusing {path!r}: it pickles objects other than tensors, and repjax never runs code from a weight "
+            f"file ({first[:200]}); re-save it with a current torch.save(model.state_dict(), ...)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightImportError(f"cannot read {path!r} as a PyTorch checkpoint: {str(e)[:300]}") from None
+    sd = _unwrap(obj)
+    if not isinstance(sd, Mapping):
+        raise WeightImportError(f"{path!r} holds a {type(sd).__name__}, not a state_dict")
     out = {}
     for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightImportError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
         v = v.detach()
         out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
     return out
+
+
+def check_finite(state_dict: Mapping[str, np.ndarray], path: str = "state_dict") -> None:
+    """Raises `WeightImportError` naming every floating-point entry that holds NaN or inf."""
+    bad = []
+    for k, v in state_dict.items():
+        v = np.asarray(v)
+        if v.dtype.kind in "fc" or v.dtype == ml_dtypes.bfloat16:
+            finite = np.isfinite(v)
+            if not finite.all():
+                nan = int(np.isnan(v).sum())
+                bad.append(f"{k} {v.shape}: {nan} NaN, {int(finite.size - finite.sum()) - nan} inf")
+    _raise_if([("entries holding NaN or inf", bad)], f"reading {path!r}")
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:

@@ -6,10 +6,18 @@ storage per tensor buffer at `<archive>/data/<key>`, and `<archive>/byteorder` (
 Tensors are pickled as `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` where `storage`
 is a persistent id `('storage', torch.<Type>Storage, key, location, numel)`.
 
-`_SafeUnpickler.find_class` resolves only the globals in `_ALLOWED`, each mapped to a stand-in defined here
-(torch itself is never imported); any other global raises `UnsafePickleError` before anything is called.
-Tensor views (offset, strides) are bounds-checked against their storage and copied out as contiguous arrays.
-bfloat16 becomes `ml_dtypes.bfloat16` (exact; shipped with JAX).
+`_SafeUnpickler.find_class` resolves the globals in `_ALLOWED`, each mapped to a stand-in defined here (torch
+itself is never imported). Any other global (the `argparse.Namespace` or custom config class that training
+scripts such as the official RepOpt Hyper-Search pickle beside their tensors) becomes an `Opaque` placeholder
+class: "calling" it, or rebuilding an instance of it, only records the arguments, so no code from the file ever
+runs; `strict=True` refuses such globals instead (`UnsafePickleError`). A state_dict entry that is a placeholder
+is an error naming the key and the global.
+
+Memory is bounded before anything is read: each storage's size in the zip directory must equal what the pickled
+metadata says (numel x element size), and the bytes of all entries read together may not exceed `max_inflation`
+times the file's size on disk (PyTorch stores entries uncompressed, ratio 1; a small file that inflates to
+gigabytes is refused). Tensor views (offset, strides) are bounds-checked against their storage and copied out as
+contiguous arrays. bfloat16 becomes `ml_dtypes.bfloat16` (exact; shipped with JAX).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import io
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +42,44 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 class TorchZipError(ValueError):
     """The file is not a well-formed PyTorch zip checkpoint."""
+
+
+DEFAULT_MAX_INFLATION = 16.0  # bytes read / bytes on disk; torch.save writes uncompressed entries (ratio 1)
+
+
+class Opaque:
+    """An instance of a pickled class outside the whitelist, kept inert: the arguments and state the pickle
+    gave it are recorded (`args`, `state`, `items`), nothing of the class is imported or run."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:  # NEWOBJ / NEWOBJ_EX
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls the class: already recorded
+        pass
+
+    def __setstate__(self, state: Any) -> None:  # BUILD
+        self.__dict__["state"] = state
+
+    def append(self, item: Any) -> None:  # APPEND(S)
+        self.__dict__["items"].append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__["items"].extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S)
+        self.__dict__["items"].append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<inert {self.global_name}>"
+
+
+def _placeholder(module: str, name: str) -> type[Opaque]:
+    """A fresh `Opaque` subclass standing in for the global `module.name` (defined here, nothing imported)."""
+    return type(name, (Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
 
 
 _STORAGE_DTYPES: dict[str, Any] = {
@@ -106,17 +153,23 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _SafeUnpickler(pickle.Unpickler):
     """Whitelisted globals; storages resolved from the zip by persistent id."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str, *, strict: bool,
+                 budget: _Budget):
         super().__init__(io.BytesIO(data))
         self._archive, self._prefix, self._order = archive, prefix, "<" if byteorder == "little" else ">"
         self._storages: dict[str, np.ndarray] = {}
+        self._strict, self._budget = strict, budget
+        self._placeholders: dict[tuple[str, str], type[Opaque]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
+        if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        except KeyError:
+        if self._strict:
             raise UnsafePickleError(f"checkpoint references the global '{module}.{name}', which is not in the "
                                     "whitelist of tensor-rebuilding functions; refusing to load it") from None
+        if (module, name) not in self._placeholders:
+            self._placeholders[(module, name)] = _placeholder(module, name)
+        return self._placeholders[(module, name)]
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -126,14 +179,45 @@ class _SafeUnpickler(pickle.Unpickler):
         key = str(key)
         if key not in self._storages:
             dtype = kind.dtype.newbyteorder(self._order) if kind.dtype.itemsize > 1 else kind.dtype
+            if not isinstance(numel, int) or numel < 0:
+                raise TorchZipError(f"storage '{key}' has a bad element count {numel!r}")
+            need = numel * dtype.itemsize
+            name = f"{self._prefix}data/{key}"
             try:
-                raw = self._archive.read(f"{self._prefix}data/{key}")
+                info = self._archive.getinfo(name)
             except KeyError:
                 raise TorchZipError(f"storage '{key}' is missing from the archive") from None
-            if len(raw) < int(numel) * dtype.itemsize:
-                raise TorchZipError(f"storage '{key}' holds {len(raw)} bytes, needs {numel} x {dtype.itemsize}")
-            self._storages[key] = np.frombuffer(raw, dtype, count=int(numel))
+            if info.file_size != need:  # checked on the zip directory, before reading a byte
+                raise TorchZipError(f"storage '{key}' holds {info.file_size} bytes, but its tensor metadata says "
+                                    f"{numel} x {dtype.itemsize} = {need} bytes")
+            raw = self._budget.read(self._archive, info)
+            self._storages[key] = np.frombuffer(raw, dtype, count=numel)
         return self._storages[key]
+
+
+class _Budget:
+    """Reads zip entries while the total stays within `limit` bytes (checked on each entry's declared size
+    before reading it, and the read itself stops at that size)."""
+
+    def __init__(self, path: str, limit: int, max_inflation: float):
+        self.path, self.limit, self.max_inflation, self.used = path, limit, max_inflation, 0
+
+    def read(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+        if self.used + info.file_size > self.limit:
+            raise TorchZipError(
+                f"{self.path!r} inflates to more than {self.limit} bytes ({self.max_inflation:g}x its size on "
+                f"disk; entry {info.filename!r} alone is {info.file_size} bytes): refusing to read it (a zip bomb, "
+                "or a re-compressed checkpoint: pass a larger max_inflation if you trust the file)")
+        self.used += info.file_size
+        try:
+            with archive.open(info) as f:
+                raw = f.read(info.file_size)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise TorchZipError(f"{self.path!r} is damaged: entry {info.filename!r}: {e}") from e
+        if len(raw) != info.file_size:
+            raise TorchZipError(f"{self.path!r} is damaged: entry {info.filename!r} has {len(raw)} of its "
+                                f"{info.file_size} bytes")
+        return raw
 
 
 def _record_prefix(archive: zipfile.ZipFile, path: str) -> str:
@@ -143,37 +227,61 @@ def _record_prefix(archive: zipfile.ZipFile, path: str) -> str:
     return min(pickles, key=lambda n: n.count("/"))[: -len("data.pkl")]
 
 
-def load(path: str | os.PathLike) -> Any:
-    """The object tree saved with `torch.save` (dicts, lists, numbers...), every tensor as a numpy array."""
+def load(path: str | os.PathLike, *, strict: bool = False, max_inflation: float = DEFAULT_MAX_INFLATION) -> Any:
+    """The object tree saved with `torch.save` (dicts, lists, numbers...), every tensor as a numpy array.
+
+    Objects of classes outside the whitelist come back as inert `Opaque` placeholders (or, with `strict`, raise
+    `UnsafePickleError`). At most `max_inflation` x the file's size is read (at least 1 MiB).
+    """
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            raise TorchZipError(f"{path!r} is a truncated or damaged zip (its central directory is unreadable)")
         raise TorchZipError(f"{path!r} is not a zip-format PyTorch checkpoint (legacy pre-1.6 format?); load it "
                             "with torch.load and re-save it with a current torch.save, or convert it to .npz")
-    with zipfile.ZipFile(path) as archive:
+    budget = _Budget(path, max(int(os.path.getsize(path) * max_inflation), 2**20), max_inflation)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TorchZipError(f"{path!r} is a damaged zip: {e}") from e
+    with archive:
         prefix = _record_prefix(archive, path)
         names = set(archive.namelist())
         byteorder = "little"
         if f"{prefix}byteorder" in names:
-            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+            byteorder = budget.read(archive, archive.getinfo(f"{prefix}byteorder")).decode(errors="replace").strip()
         if byteorder not in ("little", "big"):
             raise TorchZipError(f"unknown byteorder {byteorder!r} in {path!r}")
-        unpickler = _SafeUnpickler(archive.read(f"{prefix}data.pkl"), archive, prefix, byteorder)
+        pkl = budget.read(archive, archive.getinfo(f"{prefix}data.pkl"))
+        unpickler = _SafeUnpickler(pkl, archive, prefix, byteorder, strict=strict, budget=budget)
         try:
             return unpickler.load()
-        except (TypeError, AttributeError, IndexError) as e:
-            raise TorchZipError(f"malformed checkpoint {path!r}: {e}") from e
+        except (TypeError, AttributeError, IndexError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+                RecursionError, MemoryError) as e:
+            if isinstance(e, TorchZipError | UnsafePickleError):
+                raise
+            raise TorchZipError(f"malformed checkpoint {path!r}: {type(e).__name__}: {e}") from e
 
 
-def load_state_dict(path: str | os.PathLike, *, upcast_bfloat16: bool = False) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, *, upcast_bfloat16: bool = False,
+                    max_inflation: float = DEFAULT_MAX_INFLATION) -> dict[str, np.ndarray]:
     """A state_dict (key -> array) from a zip checkpoint; `{'state_dict': ...}` / `{'model': ...}` wrappers and
-    a DataParallel `module.` prefix are removed as in `repjax.io.torch.load_state_dict`. bfloat16 tensors stay
+    a DataParallel `module.` prefix are removed as in `repjax.io.torch.load_state_dict`; other objects beside
+    the state_dict (a pickled training config, an epoch count) are ignored. bfloat16 tensors stay
     `ml_dtypes.bfloat16` unless `upcast_bfloat16` (then float32, as `repjax.io.torch.load_state_dict` returns)."""
     from repjax.io.torch import _unwrap
 
-    obj = load(path)
+    obj = load(path, max_inflation=max_inflation)
     if not isinstance(obj, Mapping):
-        raise TorchZipError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, not a state_dict")
+        raise TorchZipError(f"{os.fspath(path)!r} holds a {'placeholder for ' if isinstance(obj, Opaque) else ''}"
+                            f"{obj!r:.100}, not a state_dict")
     sd = _unwrap(obj)
+    inert = [f"{k} ({v.global_name}, not executed)" for k, v in sd.items() if isinstance(v, Opaque)]
+    if inert:
+        raise UnsafePickleError(f"{os.fspath(path)!r}: state_dict entries pickled as objects outside the whitelist: "
+                                f"{', '.join(inert[:10])}")
     others = [k for k, v in sd.items() if not isinstance(v, np.ndarray)]
     if others:
         raise TorchZipError(f"{os.fspath(path)!r}: entries that are not tensors: {others[:10]}")

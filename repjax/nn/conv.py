@@ -7,14 +7,13 @@ weight gradients is the same sum in a different order and runs 2-4x faster there
 `experiments/bench_train.py`). The forward pass and the input gradient are `lax.conv_general_dilated` and
 its own transpose, unchanged.
 
-The chunked gradient is used by default on the CPU backend only; set `REPJAX_CONV_CHUNKED=0` (or pass
-`chunked=False`) to use the plain XLA convolution everywhere, `REPJAX_CONV_CHUNKED=1` to force it on.
+The chunked gradient is used by default on the CPU backend only; `config.conv_chunked_wgrad = "off"` (or
+`chunked=False`) uses the plain XLA convolution everywhere, `"on"` forces it on (`set_chunked_default`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,13 +81,21 @@ def _is_depthwise_same(cin: int, cout: int, groups: int, ksize: tuple[int, int],
             and (padding == "SAME" or padding == centred))
 
 
+_CHUNKED_MODE = "auto"  # config.conv_chunked_wgrad, set by train/eval through `set_chunked_default`
+
+
+def set_chunked_default(mode: str) -> None:
+    """`"auto"` (chunk on the CPU backend only), `"on"` or `"off"`: what `Conv(chunked=None)` does."""
+    global _CHUNKED_MODE
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"conv_chunked_wgrad must be 'auto', 'on' or 'off', got {mode!r}")
+    _CHUNKED_MODE = mode
+
+
 def chunked_default() -> bool:
-    """Whether `Conv` chunks its weight gradient when not told: REPJAX_CONV_CHUNKED, else on the CPU backend."""
-    env = os.environ.get("REPJAX_CONV_CHUNKED", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
+    """Whether `Conv` chunks its weight gradient when not told (`set_chunked_default`; auto: CPU backend)."""
+    if _CHUNKED_MODE != "auto":
+        return _CHUNKED_MODE == "on"
     return jax.default_backend() == "cpu"
 
 

@@ -29,7 +29,7 @@ import pathlib
 
 import numpy as np
 
-from repjax.data.base import SOURCES, ArraySource, check_split
+from repjax.data.base import DEFAULT_OPTIONS, SOURCES, ArraySource, SourceOptions, check_split
 from repjax.data.vtab import SPLITS
 
 SEED = 20240719  # Dyn-Adapter's arXiv date, for want of a better one
@@ -162,7 +162,7 @@ def _rgb(images: np.ndarray) -> np.ndarray:
 
 
 @SOURCES.register("minivtab")
-def minivtab(arg: str | None, split: str) -> ArraySource:
+def minivtab(arg: str | None, split: str, options: SourceOptions = DEFAULT_OPTIONS) -> ArraySource:
     task, _, root = (arg or "").partition("@")
     if task not in GROUPS:
         raise ValueError(f"Data source 'minivtab' needs a task: 'minivtab:<task>[@<data_root>]', one of "
@@ -173,7 +173,7 @@ def minivtab(arg: str | None, split: str) -> ArraySource:
     if task == "digits":
         from repjax.data.digits import digits as digits_source
 
-        source = digits_source(None, "test" if split == "test" else "train")
+        source = digits_source(None, "test" if split == "test" else "train", options)
         images, labels = source.as_arrays()
         if split != "test":
             index = _take(split, np.arange(800), np.arange(len(images) - 200, len(images)))

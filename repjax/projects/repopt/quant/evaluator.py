@@ -83,10 +83,10 @@ def int8_ptq(model: nn.Module, variables: dict[str, Any], config, mesh: Mesh, *,
     "minmax" or "percentile"; `act_mode` "affine" (uint8) or "symmetric" (int8). Returns int8 `top1`/`top5`/
     `loss`, the float `float_top1`/`float_top5`/`float_loss`, `top1_drop`, and `agreement` of top-1 predictions."""
     spec = source or config.data.source
-    calib = data.get_source(spec, calib_split or config.data.train_split)
+    calib = data.from_config(config, calib_split or config.data.train_split, spec)
     ranges = calibration_ranges(model, variables, calib, batches=calib_batches,
                                 batch_size=calib_batch_size or config.batch_size, pp=calib_pp or config.data.eval_pp,
                                 seed=config.seed, mesh=mesh, method=method, percentile=percentile)
-    evaluation = data.get_source(spec, split or config.data.eval_split)
+    evaluation = data.from_config(config, split or config.data.eval_split, spec)
     return evaluate_int8(model, variables, ranges, evaluation, batch_size=config.eval_batch_size,
                          pp=config.data.eval_pp, mesh=mesh, act_mode=act_mode)
