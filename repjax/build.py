@@ -56,7 +56,13 @@ def load_init(config, state: TrainState, state_sharding: Any) -> TrainState:
     """Replaces parameters and BN statistics by imported weights (`config.init.path`)."""
     from repjax import io
 
-    variables = io.load_variables(config.init.path, config.model.name, config.init.get("format", "auto"))
+    name, kwargs = config.model.name, dict(config.model.kwargs)
+    loaded, variables = io.load_model(config.init.path, name, config.init.get("format", "auto"), **kwargs)
+    family = models.variant(name).family
+    if family.is_deploy(loaded) and not family.is_deploy(models.create(name, **kwargs)):
+        raise ValueError(f"config.init.path={config.init.path!r} holds the deploy form of {name!r} but the config "
+                         "builds the training form: set config.model.kwargs.deploy=True to evaluate it, or import "
+                         "training-form weights to train")
     params = jax.device_put(variables["params"], state_sharding.params)
     batch_stats = jax.device_put(variables.get("batch_stats", {}), state_sharding.batch_stats)
     return state.replace(params=params, batch_stats=batch_stats)

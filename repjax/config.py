@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections as mlc
 
 # Paths (dotted) whose contents are free-form: checked by the component that consumes them.
-FREE_FORM = ("model.kwargs", "optim.kwargs", "evals", "init")
+FREE_FORM = ("model.kwargs", "optim.kwargs", "loss.kwargs", "evals", "init")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -39,7 +39,8 @@ def defaults() -> mlc.ConfigDict:
     c.data.cutmix_alpha = 0.0
     c.data.num_threads = 2
 
-    c.loss = mlc.ConfigDict(dict(label_smoothing=0.0))
+    # repjax.losses: a registered loss by name, its free-form settings, label smoothing (training only).
+    c.loss = mlc.ConfigDict(dict(name="softmax_xent", kwargs=mlc.ConfigDict(), label_smoothing=0.0))
 
     c.optim = mlc.ConfigDict()
     c.optim.name = "sgd"  # see repjax.optim.OPTIMIZERS

@@ -1,7 +1,8 @@
 """`python -m repjax.eval --config <cfg> (--workdir <dir> | --config.init.path=<weights>) [--config...]`.
 
 Evaluates the latest checkpoint of a workdir, or imported weights, on `config.data.eval_split` of
-`config.data.source`: top-1/top-5/loss, parameter count, FLOPs (and MACs) and inference images/s,
+`config.data.source`: top-1/top-5/loss, parameter count, analytic MACs and XLA FLOPs (`repjax.evals.cost`) and
+inference images/s,
 plus every evaluator listed in `config.evals`.
 """
 
@@ -43,9 +44,7 @@ def evaluate(config, *, workdir: str | None = None, throughput: bool = True) -> 
     result: dict[str, Any] = {"step": int(step), "split": config.data.eval_split, "examples": len(source)}
     result.update(classification.evaluate(model, variables, source, batch_size=config.eval_batch_size,
                                           pp=config.data.eval_pp, mesh=mesh))
-    result["params"] = cost.param_count(variables["params"])
-    result["flops"] = cost.inference_flops(model, variables, image_shape)
-    result["macs"] = result["flops"] / 2
+    result.update(cost.model_cost(model, variables, image_shape))  # params, macs_analytic, xla_flops_reference
     if throughput:
         result["images_per_s"] = cost.throughput(model, variables, image_shape)
     for name, spec in config.evals.items():

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from repjax import checkpoint, config as config_lib, data, evals, sharding
+from repjax import checkpoint, config as config_lib, data, evals, losses, sharding
 from repjax.build import build, example_shape, load_init
 from repjax.data import pipeline
 from repjax.evals import classification, cost
@@ -67,7 +67,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.loss.label_smoothing, config.ema_decay),
+        make_train_step(model, tx, schedule, losses.from_config(config.loss), config.ema_decay),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -159,7 +159,7 @@ def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, 
     for tag, ema in tags:
         metrics = classification.evaluate(model, state.variables(ema=ema), source,
                                                 batch_size=config.eval_batch_size, pp=config.data.eval_pp,
-                                                mesh=mesh)
+                                                mesh=mesh, loss=losses.from_config(config.loss, train=False))
         out.update({f"{prefix}/{tag}{k}": v for k, v in metrics.items()})
     return out
 
