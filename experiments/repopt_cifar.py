@@ -25,8 +25,8 @@ import numpy as np
 from repjax import bench, config as config_lib, data, models, sharding
 from repjax.build import restore_variables
 from repjax.evals import classification
-from repjax.projects.repopt import repopt_vgg, repvgg
-from repjax.projects.repopt.grad_mult import NO_DECAY, save_scales
+from repjax.projects.repopt import repopt_vgg, repvgg, scales as scale_files
+from repjax.projects.repopt.grad_mult import NO_DECAY
 from repjax.projects.repopt.quant import evaluator as quantization
 from repjax.train import train
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hs_cfg = _config("hs", hs_steps, args.batch)
     hs = train(hs_cfg, workdirs["hs"])
     scales_path = out / "scales.npz"
-    save_scales(scales_path, repopt_vgg.scales_from_checkpoint(workdirs["hs"]))
+    scale_files.save_scales(scales_path, scale_files.from_checkpoint(workdirs["hs"]))
     # 2. RepOpt-VGG and 3. RepVGG, same recipe and budget
     configs = {"repopt": _config("target", steps, args.batch, str(scales_path)),
                "repvgg": _config("repvgg", steps, args.batch)}
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Deploy forms: one architecture for both.
     trained = {name: restore_variables(configs[name], workdirs[name], 10, (32, 32, 3)) for name in configs}
-    deploy = {"repopt": repopt_vgg.to_deploy(trained["repopt"]), "repvgg": repvgg.reparameterize(trained["repvgg"])}
+    target = models.create(configs["repopt"].model.name, **configs["repopt"].model.kwargs)
+    deploy = {"repopt": repopt_vgg.reparameterize(trained["repopt"], target),
+              "repvgg": repvgg.reparameterize(trained["repvgg"])}
     mesh = sharding.make_mesh([("data", -1)])
     test = data.get_source(f"folder:{CIFAR}", "test")
     train_source = data.get_source(f"folder:{CIFAR}", "train")

@@ -25,10 +25,17 @@ import numpy as np
 from repjax import optim
 from repjax.step import init_state, make_train_step
 
+
+def param_count(params: Any) -> int:
+    """Number of scalars in a tree of arrays (or ShapeDtypeStructs): the project's one parameter count."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
 Runner = Callable[[], float]  # one timed burst -> images per second
 
 
-def _timed(fn: Callable[[], Any], n: int, images: int) -> float:
+def images_per_second(fn: Callable[[], Any], n: int, images: int) -> float:
+    """Images per second of `n` calls of `fn` (each `images` images), blocking on the last result: the
+    project's one throughput timer (warm `fn` up first)."""
     start = time.perf_counter()
     for _ in range(n):
         out = fn()
@@ -53,7 +60,7 @@ def train_runner(model: nn.Module, optim_cfg: Any, *, batch: int, image_shape: t
     step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
     mem = step.lower(state, data).compile().memory_analysis()
     info = {"peak_memory_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20,
-            "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+            "params": param_count(state.params)}
     holder = {"state": state}
 
     def one() -> jax.Array:
@@ -61,7 +68,7 @@ def train_runner(model: nn.Module, optim_cfg: Any, *, batch: int, image_shape: t
         return metrics["loss"]
 
     one()
-    return functools.partial(_timed, one, iters, batch), info
+    return functools.partial(images_per_second, one, iters, batch), info
 
 
 def inference_runner(model: nn.Module, variables: Any, *, batch: int, image_shape: tuple[int, ...],
@@ -70,7 +77,7 @@ def inference_runner(model: nn.Module, variables: Any, *, batch: int, image_shap
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
     x = jnp.zeros((batch, *image_shape), jnp.float32)
     jax.block_until_ready(fn(variables, x))
-    return functools.partial(_timed, lambda: fn(variables, x), iters, batch)
+    return functools.partial(images_per_second, lambda: fn(variables, x), iters, batch)
 
 
 def interleaved(runners: dict[str, Runner], rounds: int = 3) -> dict[str, float]:

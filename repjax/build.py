@@ -73,7 +73,13 @@ def load_init(config, state: TrainState, state_sharding: Any) -> TrainState:
     from repjax import io
 
     init = config.init
-    variables = io.load_variables(init.path, config.model.name, init.get("format", "auto"))
+    name, kwargs = config.model.name, dict(config.model.kwargs)
+    loaded, variables = io.load_model(init.path, name, init.get("format", "auto"), **kwargs)
+    family = models.variant(name).family
+    if family.is_deploy(loaded) and not family.is_deploy(models.create(name, **kwargs)):
+        raise ValueError(f"config.init.path={init.path!r} holds the deploy form of {name!r} but the config "
+                         "builds the training form: set config.model.kwargs.deploy=True to evaluate it, or import "
+                         "training-form weights to train")
     reinit = init.get("reinit", ())
     if isinstance(reinit, str) or not all(isinstance(r, str) for r in reinit):
         raise ValueError(f"config.init.reinit must be a list of regexes, got {reinit!r}")

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ml_collections as mlc
 
 # Paths (dotted) whose contents are free-form: checked by the component that consumes them.
-FREE_FORM = ("model.kwargs", "optim.kwargs", "evals", "init")
+FREE_FORM = ("model.kwargs", "optim.kwargs", "loss.kwargs", "evals", "init")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -47,7 +47,8 @@ def defaults() -> mlc.ConfigDict:
     c.data.skip_bad_files = False  # drop undecodable images (counted in the log) instead of stopping
     c.data.allow_missing_classes = False  # accept folder splits lacking some classes (labels: sorted union)
 
-    c.loss = mlc.ConfigDict(dict(label_smoothing=0.0))
+    # repjax.losses: a registered loss by name, its free-form settings, label smoothing (training only).
+    c.loss = mlc.ConfigDict(dict(name="softmax_xent", kwargs=mlc.ConfigDict(), label_smoothing=0.0))
 
     c.optim = mlc.ConfigDict()
     c.optim.name = "sgd"  # see repjax.optim.OPTIMIZERS

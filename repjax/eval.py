@@ -1,7 +1,8 @@
 """`python -m repjax.eval (--workdir <dir> [--checkpoint STEP] | --config <cfg> --config.init.path=<w>) [--config...]`.
 
 Evaluates a checkpoint of a workdir, or imported weights, on `config.data.eval_split` of
-`config.data.source`: top-1/top-5/loss, parameter count, FLOPs (and MACs) and inference images/s,
+`config.data.source`: top-1/top-5/loss, parameter count, analytic MACs and XLA FLOPs (`repjax.evals.cost`) and
+inference images/s,
 plus every evaluator listed in `config.evals`.
 
 A workdir is evaluated with the run's own config (`repjax.workdir.run_config`): `--config.<key>=<value>`
@@ -20,7 +21,7 @@ from typing import Any
 
 import jax
 
-from repjax import checkpoint, config as config_lib, data, evals, sharding, workdir as workdir_lib
+from repjax import checkpoint, config as config_lib, data, evals, losses, sharding, workdir as workdir_lib
 from repjax.build import build, example_shape, load_init
 from repjax.evals import classification, cost
 
@@ -73,10 +74,9 @@ def evaluate(config=None, *, workdir: str | None = None, step: int | None = None
     if workdir is not None:
         result["config_overrides"] = overrides
     result.update(classification.evaluate(model, variables, source, batch_size=config.eval_batch_size,
-                                          pp=config.data.eval_pp, mesh=mesh))
-    result["params"] = cost.param_count(variables["params"])
-    result["flops"] = cost.inference_flops(model, variables, image_shape)
-    result["macs"] = result["flops"] / 2
+                                          pp=config.data.eval_pp, mesh=mesh,
+                                          loss=losses.from_config(config.loss, train=False)))
+    result.update(cost.model_cost(model, variables, image_shape))  # params, macs_analytic, xla_flops_reference
     if throughput:
         result["images_per_s"] = cost.throughput(model, variables, image_shape)
     for name, spec in config.evals.items():

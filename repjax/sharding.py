@@ -53,16 +53,8 @@ def batch_spec(mesh: Mesh) -> PartitionSpec:
 
 
 def path_str(path: tuple) -> str:
-    """`(DictKey('params'), DictKey('conv'), ...)` -> `'params/conv/...'`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    """`(DictKey('params'), DictKey('conv'), ...)` -> `'params/conv/...'` (the name that rules match)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _spec_for(rule: Any, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -1,4 +1,5 @@
-"""Train state, loss, and the per-step functions that `train.py` jits with explicit shardings."""
+"""Train state and the per-step functions that `train.py` jits with explicit shardings; the loss is pluggable
+(`repjax.losses`: a registered loss receives the model's outputs and the batch)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from repjax import losses
 from repjax.optim.hooks import apply_init_hooks
 
 
@@ -46,15 +48,6 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, sample: jax.A
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy; `labels` are class ids or (mixed) probability vectors."""
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
-
-
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 where the true class is among the top-k logits (ties broken towards lower class ids)."""
     if labels.ndim > 1:
@@ -67,32 +60,35 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
-    """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch."""
+                    loss: losses.Loss | None = None, ema_decay: float = 0.0) -> Callable:
+    """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch, minimizing the mean of
+    `loss` (default: `softmax_xent` without label smoothing); the loss's own metrics are logged as means."""
+    loss = loss or losses.get()
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            logits, updated = model.apply(
+            outputs, updated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
-            return loss, (logits, updated.get("batch_stats", {}))
+            per_example, extra = loss(outputs, batch)
+            return jnp.mean(per_example), (loss.logits(outputs), extra, updated.get("batch_stats", {}))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, (logits, extra, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         # Non-finite loss or update: the new state is unusable (checked on the host, one step late).
-        finite = jnp.isfinite(loss)
+        finite = jnp.isfinite(value)
         for leaf in jax.tree.leaves(updates):  # elementwise: a norm would overflow on huge but finite values
             finite &= jnp.all(jnp.isfinite(leaf))
         metrics = {
+            **{k: jnp.mean(v) for k, v in extra.items()},
             "finite": finite.astype(jnp.float32),
-            "loss": loss,
+            "loss": value,
             "top1": jnp.mean(topk_correct(logits, batch["label"], 1)),
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
@@ -104,15 +100,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
-    """`(variables, batch) -> sums`: summed loss / top-1 / top-5 over the unmasked rows of a batch."""
+def make_eval_step(model: nn.Module, loss: losses.Loss | None = None) -> Callable:
+    """`(variables, batch) -> sums`: summed loss (default: `softmax_xent`, no smoothing), the loss's metrics,
+    top-1 / top-5 over the unmasked rows of a batch."""
+    loss = loss or losses.get()
 
     def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = model.apply(variables, batch["image"], train=False)
+        outputs = model.apply(variables, batch["image"], train=False)
+        logits = loss.logits(outputs)
         mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32)).astype(jnp.float32)
+        per_example, extra = loss(outputs, batch)
         k5 = min(5, logits.shape[-1])
         return {
-            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+            **{k: jnp.sum(v * mask) for k, v in extra.items()},
+            "loss": jnp.sum(per_example * mask),
             "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
             "top5": jnp.sum(topk_correct(logits, batch["label"], k5) * mask),
             "count": jnp.sum(mask),

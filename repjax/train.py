@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from repjax import checkpoint, config as config_lib, data, evals, sharding, workdir as workdir_lib
+from repjax import checkpoint, config as config_lib, data, evals, losses, sharding, workdir as workdir_lib
 from repjax.build import build, example_shape, load_init
 from repjax.data import folder, pipeline
 from repjax.evals import classification, cost
@@ -60,7 +60,8 @@ def check_eval(config, model, abstract_state, eval_source, num_classes: int) -> 
     batch = {"image": jax.ShapeDtypeStruct((1, *shape), np.float32),
              "label": jax.ShapeDtypeStruct((1,), np.int32)}
     try:
-        jax.eval_shape(make_eval_step(model), abstract_state.variables(), batch)
+        loss = losses.from_config(config.loss, train=False)
+        jax.eval_shape(make_eval_step(model, loss), abstract_state.variables(), batch)
     except Exception as e:
         raise ValueError(f"data.eval_pp {config.data.eval_pp!r} gives images of shape {shape} that the model "
                          f"cannot evaluate: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -115,7 +116,7 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.loss.label_smoothing, config.ema_decay),
+        make_train_step(model, tx, schedule, losses.from_config(config.loss), config.ema_decay),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -209,7 +210,7 @@ def _evaluate(config, model, state: TrainState, mesh, prefix: str) -> dict[str, 
     for tag, ema in tags:
         metrics = classification.evaluate(model, state.variables(ema=ema), source,
                                                 batch_size=config.eval_batch_size, pp=config.data.eval_pp,
-                                                mesh=mesh)
+                                                mesh=mesh, loss=losses.from_config(config.loss, train=False))
         out.update({f"{prefix}/{tag}{k}": v for k, v in metrics.items()})
     return out
 

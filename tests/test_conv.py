@@ -72,7 +72,7 @@ def test_config_switch():
 @pytest.mark.parametrize("train", [True, False])
 def test_batch_norm_matches_flax(train):
     x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5)) * 3 + 1
-    ours = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    ours = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, unbiased_var=False)
     theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(theirs.init(jax.random.key(0), x))
     variables = {"params": {"scale": jnp.arange(5.0) + 0.5, "bias": jnp.arange(5.0) * 0.1},
@@ -86,6 +86,32 @@ def test_batch_norm_matches_flax(train):
     (_, want), want_grad = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(theirs, variables["params"], x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (got, got_grad),
                  (want, want_grad))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 5), (4, 3, 5, 6)])
+def test_batch_norm_running_stats_match_torch(shape):
+    """The default `unbiased_var=True` gives torch.nn.BatchNorm2d's running mean and var (unbiased n/(n-1))
+    over five train steps on changing batches, float32, rtol 1e-6; with `unbiased_var=False` the running var
+    differs (Flax). Outputs agree in both (same normalization)."""
+    torch = pytest.importorskip("torch")
+    c = shape[-1]
+    rng = np.random.default_rng(0)
+    tbn = torch.nn.BatchNorm2d(c, momentum=0.1, eps=1e-5).train()
+    variables = BatchNorm(False, momentum=0.9).init(jax.random.key(0), jnp.zeros(shape))
+    flax_like = variables
+    step = jax.jit(lambda v, x, unbiased: BatchNorm(False, momentum=0.9, unbiased_var=unbiased).apply(
+        v, x, mutable=["batch_stats"]), static_argnums=2)
+    for _ in range(5):
+        x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0, c) + rng.normal(size=c)).astype(np.float32)
+        with torch.no_grad():
+            want = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+        y, stats = step(variables, x, True)
+        variables = {**variables, **stats}
+        flax_like = {**flax_like, **step(flax_like, x, False)[1]}
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-6)
+    assert np.max(np.abs(flax_like["batch_stats"]["var"] - tbn.running_var.numpy())) > 1e-3
 
 
 def test_conv_bn_uses_chunked_conv_on_cpu(monkeypatch):

@@ -3,12 +3,14 @@
 import importlib.util
 import pathlib
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from repjax import io
 from repjax.io import torch as tio
 from repjax.models import resnet_cifar
 from repjax.nn.layers import torch_padding
@@ -31,11 +33,6 @@ def _random_variables(model, seed=0, shape=(1, 32, 32, 3)):
     rng = np.random.default_rng(seed)
     leaves = [np.asarray(a) if a.ndim > 1 else rng.uniform(0.5, 1.5, a.shape).astype(np.float32) for a in leaves]
     return jax.tree.unflatten(treedef, leaves)
-
-
-def _equal(a, b) -> bool:
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # ------------------------------------------------------------------ converters
@@ -66,62 +63,76 @@ def test_linear_kernel():
 # ------------------------------------------------------------------ round trips and strictness
 
 
+RESNET20 = resnet_cifar.resnet20()
+
+
 @pytest.fixture(scope="module")
 def resnet20_vars():
-    return _random_variables(resnet_cifar.resnet20())
+    return _random_variables(RESNET20)
 
 
 def test_round_trip_exact(resnet20_vars):
-    sd = resnet_cifar.to_torch(resnet20_vars, 20)
+    sd = resnet_cifar.to_torch(resnet20_vars, RESNET20)
     assert sd["conv1.weight"].shape == (16, 3, 3, 3) and sd["linear.weight"].shape == (10, 64)
-    assert len(sd) == 97  # the akamaster key set (without num_batches_tracked)
-    assert _equal(resnet_cifar.from_torch(sd), resnet20_vars)
+    counters = [k for k in sd if k.endswith(".num_batches_tracked")]
+    assert len(sd) - len(counters) == 97 and len(counters) == 19  # the akamaster key set, one counter per BN
+    chex.assert_trees_all_equal(resnet_cifar.from_torch(sd, RESNET20), resnet20_vars)
 
 
 def test_npz_round_trip(tmp_path, resnet20_vars):
-    sd = resnet_cifar.to_torch(resnet20_vars, 20)
+    sd = resnet_cifar.to_torch(resnet20_vars, RESNET20)
     tio.save_state_dict(tmp_path / "w.npz", sd)
-    assert _equal(tio.load_state_dict(tmp_path / "w.npz"), sd)
+    chex.assert_trees_all_equal(tio.load_state_dict(tmp_path / "w.npz"), sd)
     with pytest.raises(ValueError, match="format"):
         tio.load_state_dict(tmp_path / "w.bin")
 
 
 def test_pth_checkpoint(tmp_path, resnet20_vars):
     torch = pytest.importorskip("torch")
-    sd = resnet_cifar.to_torch(resnet20_vars, 20)
+    sd = resnet_cifar.to_torch(resnet20_vars, RESNET20)
     wrapped = {"state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}, "best_prec1": 91.7}
     torch.save(wrapped, tmp_path / "w.th")
-    assert _equal(tio.load_state_dict(tmp_path / "w.th"), sd)
+    chex.assert_trees_all_equal(tio.load_state_dict(tmp_path / "w.th"), sd)
+    # Through the registry: the file's form and head size, for config.init.path and repjax.eval.
+    model, variables = io.load_model(tmp_path / "w.th", "resnet20", num_classes=100)
+    assert model == RESNET20
+    chex.assert_trees_all_equal(variables, resnet20_vars)
+    with pytest.raises(tio.WeightImportError, match=r"missing torch keys \(60\)"):  # another depth: strict
+        io.load_variables(tmp_path / "w.th", "resnet32")
 
 
 def test_strict_errors(resnet20_vars):
-    sd = resnet_cifar.to_torch(resnet20_vars, 20)
-    resnet_cifar.from_torch({**sd, "bn1.num_batches_tracked": np.array(5)})  # explicitly ignored
+    sd = resnet_cifar.to_torch(resnet20_vars, RESNET20)
+    resnet_cifar.from_torch({**sd, "bn1.num_batches_tracked": np.array(5)}, RESNET20)  # explicitly ignored
 
     missing = {k: v for k, v in sd.items() if k != "layer2.1.bn1.running_var"}
     with pytest.raises(tio.WeightImportError, match=r"missing torch keys \(1\):\n    layer2.1.bn1.running_var"):
-        resnet_cifar.from_torch(missing)
+        resnet_cifar.from_torch(missing, RESNET20)
 
     with pytest.raises(tio.WeightImportError, match=r"unexpected torch keys \(1\):\n    fc.weight"):
-        resnet_cifar.from_torch({**sd, "fc.weight": np.zeros((10, 64))})
+        resnet_cifar.from_torch({**sd, "fc.weight": np.zeros((10, 64))}, RESNET20)
+
+    with pytest.raises(tio.WeightImportError, match=r"'module\.' prefix"):  # prefixed only in part
+        resnet_cifar.from_torch({**sd, "module.fc.weight": np.zeros((10, 64))}, RESNET20)
 
     bad = {**sd, "layer3.0.conv2.weight": np.zeros((64, 32, 3, 3), np.float32)}
     with pytest.raises(tio.WeightImportError, match=r"layer3.0.conv2.weight \(64, 32, 3, 3\) -> params/stage3_block0"
                                                     r"/conv_bn2/conv/kernel: converted \(3, 3, 32, 64\), expected"):
-        resnet_cifar.from_torch(bad)
+        resnet_cifar.from_torch(bad, RESNET20)
 
     with pytest.raises(tio.WeightImportError, match="flax leaves not filled"):
-        tio.from_torch_state_dict(sd, resnet_cifar.torch_rules(20)[2:], resnet20_vars, ignore=("conv1.*", "bn1.*"))
+        tio.from_torch_state_dict(sd, resnet_cifar.torch_rules(RESNET20)[2:], resnet20_vars,
+                                  ignore=("conv1.*", "bn1.*"))
 
     with pytest.raises(tio.WeightImportError, match="duplicate torch keys"):
-        rules = resnet_cifar.torch_rules(20)
+        rules = resnet_cifar.torch_rules(RESNET20)
         tio.from_torch_state_dict(sd, [*rules, rules[0]], resnet20_vars)
 
 
 def test_export_strict(resnet20_vars):
     extra = {**resnet20_vars, "params": {**resnet20_vars["params"], "extra": {"kernel": np.zeros(3)}}}
     with pytest.raises(tio.WeightImportError, match=r"flax leaves without a rule \(1\):\n    params/extra/kernel"):
-        resnet_cifar.to_torch(extra, 20)
+        resnet_cifar.to_torch(extra, RESNET20)
 
 
 # ------------------------------------------------------------------ parity with the PyTorch reference
@@ -142,7 +153,7 @@ def test_parity_random_weights():
     tr = _torch_reference()
     model = resnet_cifar.ResNetCifar(depth=8, num_classes=5, width=2)
     variables = _random_variables(model, seed=3)
-    torch_model = tr.from_state_dict(resnet_cifar.to_torch(variables, 8))  # strict load: same key names
+    torch_model = tr.from_state_dict(resnet_cifar.to_torch(variables, model))  # strict load: same key names
     _parity(variables, model, torch_model)
 
 
@@ -151,6 +162,7 @@ def test_parity_random_weights():
 def test_parity_real_weights(depth, shared_weights):
     tr = _torch_reference()
     sd = tio.load_state_dict(shared_weights / f"resnet{depth}_cifar10_akamaster.npz")
-    variables = resnet_cifar.from_torch(sd, depth)
-    logits = _parity(variables, resnet_cifar.ResNetCifar(depth=depth), tr.from_state_dict(sd))
+    model = resnet_cifar.ResNetCifar(depth=depth)
+    variables = resnet_cifar.from_torch(sd, model)
+    logits = _parity(variables, model, tr.from_state_dict(sd))
     assert logits.std() > 1.0  # trained weights give confident, non-degenerate logits

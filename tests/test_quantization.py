@@ -1,6 +1,7 @@
 """Int8 post-training quantization (fake-quant): quantizers, calibration, and models whose int8 accuracy is known
 by construction (lossless grids; outliers that flip a known set of examples)."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,7 @@ def test_lossless_construction_is_bit_exact_through_the_evaluator():
     ranges = quant.calibrate(model, variables, [x[:20]])
     assert ranges["conv"] == (0.0, 255 / 256) and ranges["head"] == (0.0, 255 * 127 * 2.0**-15)
     qparams = quant.quantize_weights(variables["params"])
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(qparams), jax.tree.leaves(variables["params"])))
+    chex.assert_trees_all_equal(qparams, variables["params"])
     logits = model.apply(variables, x)
     qlogits = jax.jit(lambda v, x: quant.quantized_apply(model, v, ranges, x))(variables, x)
     np.testing.assert_allclose(qlogits, logits, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from repjax.io import IMPORTERS, torch as tio
+from repjax.io import torch as tio
 from repjax.models import create
 from repjax.nn.locality import conv_to_fc, conv_to_fc_onehot
 from repjax.projects.repmlp import repmlp as rm
@@ -157,7 +157,7 @@ def test_network_reparameterize_equals_train_form(size):
     x = normal((2, size, size, 3))
     v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
     ref = jax.jit(model.apply)(v, x)
-    dv = jax.jit(rm.reparameterize)(v)
+    dv = jax.jit(rm.reparameterize, static_argnums=1)(v, model)
     out = jax.jit(tiny(deploy=True).apply)(dv, x)
     assert out.shape == (2, 10)
     assert rel_err(out, ref) <= REL_TOL
@@ -176,21 +176,21 @@ def test_without_local_branches_same_deploy_architecture():
     x = normal((2, 16, 16, 3))
     v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
     assert not any(k.startswith("repconv") for k in v["params"]["stages_0_0"]["repmlp_block"])
-    dv = rm.reparameterize(v)
+    dv = rm.reparameterize(v, model)
     out = tiny(deploy=True).apply(dv, x)
     assert rel_err(out, model.apply(v, x)) <= REL_TOL
 
 
 def test_network_non_square_partitions():
-    """reparameterize(model=...) handles h != w (here 4x2 and 2x1 partitions, 16x8 input: several of each)."""
+    """reparameterize(v, model) handles h != w (here 4x2 and 2x1 partitions, 16x8 input: several of each)."""
     model = tiny(hs=(4, 2), ws=(2, 1))
     x = normal((1, 16, 8, 3))
     v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
-    dv = rm.reparameterize(v, model=model)
+    dv = rm.reparameterize(v, model)
     out = tiny(hs=(4, 2), ws=(2, 1), deploy=True).apply(dv, x)
     assert rel_err(out, model.apply(v, x)) <= REL_TOL
-    with pytest.raises(ValueError, match="pass `model`"):
-        rm.reparameterize(v)
+    with pytest.raises(ValueError, match=r"FC3 has 8 positions, the model's partition is 4x4"):
+        rm.reparameterize(v, tiny())
 
 
 def test_bfloat16_and_gradients():
@@ -343,7 +343,9 @@ def official_state_dict(deploy, seed=0):
 def test_import_official_state_dict(deploy):
     sd = official_state_dict(deploy)
     sd |= {"conv_embedding.bn.num_batches_tracked": np.array(5, np.int64)}
-    v = IMPORTERS.get("repmlpnet_tiny")(sd)
+    model = rm.infer(sd, tiny(deploy=not deploy))  # the form is read off the keys
+    assert model == tiny(deploy=deploy)
+    v = rm.from_torch(sd, model)
     assert ("batch_stats" in v) and (("fc3_bn" in v["params"]["stages_1_0"]["repmlp_block"]) != deploy)
     k = np.asarray(v["params"]["stages_1_0"]["repmlp_block"]["fc3"]["kernel"])  # [S, hw_in, hw_out]
     w = sd["stages.1.0.repmlp_block.fc3.weight"]  # [S*hw_out, hw_in, 1, 1]: row s*hw + q, column p
@@ -367,8 +369,8 @@ def test_import_official_state_dict(deploy):
 
 def test_imported_training_form_reparameterizes_to_imported_deploy_form():
     """Official training keys -> reparameterize -> official deploy keys round trip runs and stays equivalent."""
-    v = rm.from_torch(official_state_dict(False), model=tiny())
-    dv = rm.reparameterize(v)
+    v = rm.from_torch(official_state_dict(False), tiny())
+    dv = rm.reparameterize(v, tiny())
     x = normal((2, 16, 16, 3))
     assert rel_err(tiny(deploy=True).apply(dv, x), tiny().apply(v, x)) <= REL_TOL
     sd = rm.to_torch(dv, tiny(deploy=True))
@@ -378,11 +380,11 @@ def test_imported_training_form_reparameterizes_to_imported_deploy_form():
 def test_import_is_strict():
     sd = official_state_dict(False)
     with pytest.raises(tio.WeightImportError, match="missing"):
-        rm.from_torch({k: v for k, v in sd.items() if "repconv3" not in k}, model=tiny())
+        rm.from_torch({k: v for k, v in sd.items() if "repconv3" not in k}, tiny())
     with pytest.raises(tio.WeightImportError, match="unexpected"):
-        rm.from_torch(sd | {"stages.0.0.extra.weight": np.zeros(1)}, model=tiny())
+        rm.from_torch(sd | {"stages.0.0.extra.weight": np.zeros(1)}, tiny())
     with pytest.raises(tio.WeightImportError, match="shape"):
-        rm.from_torch(sd | {"head.weight": np.zeros((5, 16), np.float32)}, model=tiny())
+        rm.from_torch(sd | {"head.weight": np.zeros((5, 16), np.float32)}, tiny())
 
 
 def torch_reference(sd, x, h_sizes, sharesets, ks, patch=2, eps=1e-5):
@@ -437,17 +439,20 @@ def test_imported_weights_match_a_torch_reference(deploy, size):
     sd = official_state_dict(deploy, seed=3)
     x = normal((2, size, size, 3), seed=4)
     ref = torch_reference(sd, x, (4, 2), (2, 4), () if deploy else (1, 3, 5))
-    out = tiny(deploy=deploy).apply(rm.from_torch(sd, deploy, tiny(deploy=deploy)), x)
+    out = tiny(deploy=deploy).apply(rm.from_torch(sd, tiny(deploy=deploy)), x)
     assert rel_err(out, ref) <= REL_TOL
 
 
 def test_registered_names_and_load_variables(tmp_path):
-    """All variants are registered as models and importers; `load_variables` reads an official-layout .npz."""
+    """All variants are registered in the family; `load_variables` reads an official-layout .npz, both forms."""
     from repjax import io, models
 
     names = {f"repmlpnet_{n}" for n in ("t224", "b224", "t256", "b256", "d256", "l256", "cifar", "imagenette", "tiny")}
-    assert names <= set(models.names()) and names <= set(IMPORTERS.names())
+    assert names <= set(models.names()) and all(models.variant(n).family is rm.FAMILY for n in names)
     path = tmp_path / "w.npz"
     tio.save_state_dict(path, official_state_dict(False))
     v = io.load_variables(path, "repmlpnet_tiny")
     assert v["params"]["stages_0_0"]["repmlp_block"]["fc3"]["kernel"].shape == (2, 16, 16)
+    tio.save_state_dict(path, official_state_dict(True))
+    model, v = io.load_model(path, "repmlpnet_tiny")
+    assert model == tiny(deploy=True) and "bias" in v["params"]["stages_0_0"]["repmlp_block"]["fc3"]

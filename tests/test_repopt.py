@@ -4,13 +4,14 @@ Everything runs in float32 on `repopt_vgg_tiny` (8x8 inputs): stage0 3->8 (strid
 and stage1_1 8->8 (identity), stage2_0 8->8 stride 2 (in == out but no identity), stage3_0 8->16 stride 2.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from repjax import config as config_lib, models, optim
-from repjax.projects.repopt import grad_mult as repopt, repopt_vgg as rv
+from repjax.projects.repopt import grad_mult as repopt, repopt_vgg as rv, scales as scale_files
 from repjax.step import TrainState, make_train_step
 
 NUM_CLASSES = 5
@@ -85,7 +86,7 @@ def _csla_vs_repopt(optimizer: str, lr: float, wd: float, steps: int, positive_o
     params, stats = _randomize(*_init(csla, seed), np.random.default_rng(seed), positive_only=positive_only)
     scales = rv.extract_scales(params, csla)
     rules = repopt.repopt_sgd_rules(scales) if optimizer == "sgd" else repopt.repopt_adamw_rules(scales)
-    a = _train(csla, params, stats, _optim_cfg(optimizer, lr, wd, rv.hs_rules(csla=True)), _batches(steps))
+    a = _train(csla, params, stats, _optim_cfg(optimizer, lr, wd, repopt.hs_rules(csla=True)), _batches(steps))
     b = _train(target, rv.csla_to_target(params), stats, _optim_cfg(optimizer, lr, wd, rules), _batches(steps))
     return params, list(zip(a, b))
 
@@ -114,8 +115,7 @@ def test_repopt_sgd_equals_sgd_on_csla_model():
             assert _max_rel(kernel, ref) < 1e-5, name
             for k in ("scale", "bias"):
                 np.testing.assert_allclose(ts.params[name]["bn"][k], cs.params[name]["bn"][k], rtol=1e-4, atol=1e-6)
-        for x, y in zip(jax.tree.leaves(ts.batch_stats), jax.tree.leaves(cs.batch_stats)):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        chex.assert_trees_all_close(ts.batch_stats, cs.batch_stats, rtol=1e-4, atol=1e-6)
         for k in ("kernel", "bias"):
             np.testing.assert_allclose(ts.params["linear"][k], cs.params["linear"][k], rtol=1e-4, atol=1e-6)
     final = pairs[-1][0][0].params
@@ -131,7 +131,7 @@ def test_plain_sgd_without_grad_mult_differs():
     csla, target = _model("csla"), _model("target")
     params, stats = _randomize(*_init(csla), np.random.default_rng(0))
     batches = _batches(5)
-    *_, (cs, _) = _train(csla, params, stats, _optim_cfg("sgd", 0.05, 0.01, rv.hs_rules(csla=True)), batches)
+    *_, (cs, _) = _train(csla, params, stats, _optim_cfg("sgd", 0.05, 0.01, repopt.hs_rules(csla=True)), batches)
     *_, (ts, _) = _train(target, rv.csla_to_target(params), stats,
                          _optim_cfg("sgd", 0.05, 0.01, [(repopt.NO_DECAY, {"weight_decay": 0.0})]), batches)
     ref = rv.csla_to_target(cs.params)["stage1_1"]["conv"]["kernel"]
@@ -221,7 +221,7 @@ def test_grad_mults_of_model_and_transform_in_multi_transform():
     scales = {b.name: {"s": rng.normal(size=b.out_ch), "t": rng.normal(size=b.out_ch)}
               | ({"d": np.ones(b.out_ch)} if b.identity else {}) for b in rv.model_block_specs(target)}
     assert {n for n, sc in scales.items() if "d" in sc} == set(IDENTITY_BLOCKS)
-    mults = rv.grad_mults(scales, params, 2.0)
+    mults = repopt.grad_mults(scales, params, 2.0)
     for name, sc in scales.items():
         m = np.asarray(mults[name]["conv"]["kernel"])
         s2, t2 = np.float32(sc["s"]) ** 2, np.float32(sc["t"]) ** 2
@@ -302,8 +302,8 @@ def test_model_init_scales_npz(tmp_path):
     s W3, centre s W3 + t W1 + d on the diagonal with |W1| <= 1/sqrt(C_in)."""
     hs_params, _ = _randomize(*_init(_model("hs"), 1), np.random.default_rng(1))
     scales = rv.extract_scales(hs_params)
-    repopt.save_scales(tmp_path / "s.npz", scales)
-    loaded = repopt.load_scales(tmp_path / "s.npz")
+    scale_files.save_scales(tmp_path / "s.npz", scales)
+    loaded = scale_files.load_scales(tmp_path / "s.npz")
     assert jax.tree.map(np.shape, loaded) == jax.tree.map(np.shape, scales)
     plain, _ = _init(_model("target"), 3)
     model = models.create("repopt_vgg_tiny", mode="target", num_classes=NUM_CLASSES,
@@ -317,7 +317,7 @@ def test_model_init_scales_npz(tmp_path):
         assert np.max(np.abs(rest / sc["t"])) <= 1 / np.sqrt(b.in_ch) + 1e-6
         assert np.max(np.abs(rest)) > 0
     wrong = {k: v for k, v in scales.items() if k != "stage0"}
-    repopt.save_scales(tmp_path / "w.npz", wrong)
+    scale_files.save_scales(tmp_path / "w.npz", wrong)
     with pytest.raises(ValueError, match="missing blocks"):
         _init(models.create("repopt_vgg_tiny", mode="target", init_scales=str(tmp_path / "w.npz")))
 
@@ -330,7 +330,7 @@ def test_clipping_with_repopt_raises():
     scales = rv.extract_scales(_init(_model("hs"))[0])
     with pytest.raises(ValueError, match="clip"):
         optim.build(_optim_cfg("sgd", 0.1, 1e-4, repopt.repopt_sgd_rules(scales), clip=5.0), params, 10)
-    optim.build(_optim_cfg("sgd", 0.1, 1e-4, rv.hs_rules(), clip=5.0), _init(_model("hs"))[0], 10)  # HS may clip
+    optim.build(_optim_cfg("sgd", 0.1, 1e-4, repopt.hs_rules(), clip=5.0), _init(_model("hs"))[0], 10)  # HS may clip
 
 
 # ------------------------------------------------------------------------------------------------ (f) scales
@@ -362,13 +362,14 @@ def test_scales_from_official_keys():
         sd[f"{b.torch_prefix}.scale_1x1.weight"] = np.full(b.out_ch, 0.25)
         if b.identity:
             sd[f"{b.torch_prefix}.scale_identity.weight"] = np.full(b.out_ch, 2.0)
-    scales = rv.scales_from_torch(sd, model)
+    blocks = rv.expected_blocks(model)
+    scales = scale_files.from_state_dict(sd, blocks)
     assert sum(len(v) for v in scales.values()) == len(sd) == 5 * 2 + 2
     np.testing.assert_array_equal(scales["stage1_1"]["d"], 2.0)
-    with pytest.raises(ValueError, match=r"missing scale 'stage1\.1\.scale_identity\.weight'"):
-        rv.scales_from_torch({k: v for k, v in sd.items() if k != "stage1.1.scale_identity.weight"}, model)
+    with pytest.raises(ValueError, match=r"missing keys \(1\):\n    stage1\.1\.scale_identity\.weight"):
+        scale_files.from_state_dict({k: v for k, v in sd.items() if k != "stage1.1.scale_identity.weight"}, blocks)
     with pytest.raises(ValueError, match="unexpected"):
-        rv.scales_from_torch(sd | {"stage4.0.scale_conv.weight": np.ones(3)}, model)
+        scale_files.from_state_dict(sd | {"stage4.0.scale_conv.weight": np.ones(3)}, blocks)
 
 
 # ------------------------------------------------------------------------------------------------ models, configs
@@ -409,7 +410,7 @@ def test_configs_load_and_build(tmp_path):
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     optim.build(hs.optim, abstract, hs.total_steps)
     scales = rv.extract_scales(jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract), model)
-    repopt.save_scales(tmp_path / "scales.npz", scales)
+    scale_files.save_scales(tmp_path / "scales.npz", scales)
     tgt = config_lib.load(f"configs/repopt/repopt_vgg_cifar.py:mode=target,epochs=1,scales={tmp_path / 'scales.npz'}")
     assert tgt.optim.clip_norm == 0.0 and tgt.optim.nesterov
     model = models.create(tgt.model.name, num_classes=10, **tgt.model.kwargs)
@@ -431,14 +432,14 @@ def test_scales_from_checkpoint_and_cli(tmp_path):
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "run" / "checkpoints" / "7" / "state", {"params": params, "step": 7})
     rv.main([str(tmp_path / "run"), str(tmp_path / "s.npz")])
-    loaded = repopt.load_scales(tmp_path / "s.npz")
+    loaded = scale_files.load_scales(tmp_path / "s.npz")
     expected = rv.extract_scales(params)
     assert loaded.keys() == expected.keys()
     for name, sc in expected.items():
         for k, v in sc.items():
             np.testing.assert_array_equal(loaded[name][k], v)
     with pytest.raises(FileNotFoundError):
-        rv.scales_from_checkpoint(tmp_path / "nothing")
+        scale_files.from_checkpoint(tmp_path / "nothing")
 
 
 def test_target_to_deploy_equals_target_in_eval_mode():
@@ -463,5 +464,6 @@ def test_target_to_deploy_equals_target_in_eval_mode():
     variables = jax.tree_util.tree_map_with_path(randomize, variables)
     deploy = models.create("repvgg_tiny", deploy=True, groups_map=(), **arch)
     want = target.apply(variables, x, train=False)
-    got = deploy.apply(rv.to_deploy(variables), x, train=False)
+    assert rv.deploy(target) == deploy
+    got = deploy.apply(rv.reparameterize(variables, target), x, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

@@ -1,9 +1,11 @@
-"""RepOpt-VGG scale files: the released key layout read back from torch.save / .npz, and strict key checks."""
+"""RepOpt-VGG scale files: the released files, the key layout read back from torch.save / .npz, strict checks."""
 
 import numpy as np
 import pytest
 
-from repjax.projects.repopt.scales import ScaleFileError, load_repopt_scales, save_repopt_scales
+from repjax import models
+from repjax.projects.repopt import repopt_vgg
+from repjax.projects.repopt.scales import ScaleFileError, load_scales, save_scales
 
 B1_BLOCKS = (4, 6, 16, 1)
 
@@ -48,16 +50,16 @@ def test_released_layout_from_torch_save_and_npz_round_trip(tmp_path):
     path = tmp_path / "RepOpt-VGG-B1-scales.pth"
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
     expected = {name: identity for name, (_, _, identity) in blocks.items()}
-    scales = load_repopt_scales(path, expected)
+    scales = load_scales(path, expected)
     assert len(scales) == 28 and sum("d" in v for v in scales.values()) == 23
     _check(scales, blocks, state)
     # Official prefixes are accepted as block names; .npz copies read back identically.
-    assert list(load_repopt_scales(path, [p for p, _, _ in blocks.values()])) == list(blocks)
-    save_repopt_scales(tmp_path / "b1.npz", scales)
-    _check(load_repopt_scales(tmp_path / "b1.npz", expected), blocks, state)
+    assert list(load_scales(path, [p for p, _, _ in blocks.values()])) == list(blocks)
+    save_scales(tmp_path / "b1.npz", scales)
+    _check(load_scales(tmp_path / "b1.npz", expected), blocks, state)
     # DataParallel prefix and {'model': ...} wrapper.
     torch.save({"model": {"module." + k: torch.from_numpy(v) for k, v in state.items()}}, tmp_path / "dp.pth")
-    _check(load_repopt_scales(tmp_path / "dp.pth", expected), blocks, state)
+    _check(load_scales(tmp_path / "dp.pth", expected), blocks, state)
 
 
 def _npz(tmp_path, state, name="s.npz"):
@@ -76,7 +78,7 @@ def test_missing_and_unexpected_keys_are_reported_together(tmp_path):
     broken["stage5.0.scale_conv.weight"] = np.ones(8, np.float32)
     broken["linear.weight"] = np.ones((3, 12), np.float32)
     with pytest.raises(ScaleFileError) as err:
-        load_repopt_scales(_npz(tmp_path, broken), expected)
+        load_scales(_npz(tmp_path, broken), expected)
     msg = str(err.value)
     for text in ("missing keys (2)", "stage2.1.scale_identity.weight", "stage1.0.scale_1x1.weight",
                  "stage3.0.scale_identity.weight (block has no identity)", "stage5.0.* (block not expected)",
@@ -85,17 +87,17 @@ def test_missing_and_unexpected_keys_are_reported_together(tmp_path):
     # A whole Hyper-Search checkpoint: other keys may be skipped on request.
     extra = {**state, "linear.weight": np.ones((3, 12), np.float32), "stage0.conv.weight": np.ones((4, 3, 3, 3))}
     with pytest.raises(ScaleFileError, match="unexpected keys"):
-        load_repopt_scales(_npz(tmp_path, extra), expected)
-    _check(load_repopt_scales(_npz(tmp_path, extra), expected, ignore_other_keys=True), blocks, state)
+        load_scales(_npz(tmp_path, extra), expected)
+    _check(load_scales(_npz(tmp_path, extra), expected, ignore_other_keys=True), blocks, state)
 
 
 def test_without_expected_blocks_each_block_needs_s_and_t(tmp_path):
     blocks = _layout((1, 2, 1, 1))
     state = _official(blocks)
-    _check(load_repopt_scales(_npz(tmp_path, state)), blocks, state)
+    _check(load_scales(_npz(tmp_path, state)), blocks, state)
     del state["stage2.1.scale_conv.weight"]
     with pytest.raises(ScaleFileError, match=r"stage2\.1\.scale_conv\.weight"):
-        load_repopt_scales(_npz(tmp_path, state))
+        load_scales(_npz(tmp_path, state))
 
 
 def test_prefix_shape_and_length_errors(tmp_path):
@@ -103,18 +105,18 @@ def test_prefix_shape_and_length_errors(tmp_path):
     state = _official(blocks)
     mixed = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(state.items())}
     with pytest.raises(ScaleFileError, match=r"'module\.' prefix"):
-        load_repopt_scales(_npz(tmp_path, mixed))
-    _check(load_repopt_scales(_npz(tmp_path, {"module." + k: v for k, v in state.items()})), blocks, state)
+        load_scales(_npz(tmp_path, mixed))
+    _check(load_scales(_npz(tmp_path, {"module." + k: v for k, v in state.items()})), blocks, state)
     bad = {**state, "stage1.0.scale_conv.weight": np.ones((4, 4), np.float32),
            "stage2.0.scale_1x1.weight": np.ones(3, np.float32)}
     with pytest.raises(ScaleFileError, match=r"not 1-D(.|\n)*stage2\.0: \{s: 6, t: 3\}"):
-        load_repopt_scales(_npz(tmp_path, bad))
+        load_scales(_npz(tmp_path, bad))
     with pytest.raises(ScaleFileError, match="unknown scale file format"):
-        load_repopt_scales(tmp_path / "scales.json")
+        load_scales(tmp_path / "scales.json")
 
 
-def test_reads_npz_with_block_slash_letter_keys(tmp_path):
-    """The `<block>/<s|t|d>` layout of `repjax.projects.repopt.grad_mult.save_scales` reads the same."""
+def test_retired_block_slash_letter_layout_is_refused(tmp_path):
+    """The retired `<block>/<s|t|d>` .npz layout is refused with a message that says how to convert it."""
     blocks = _layout((2, 1, 1, 1))
     state = _official(blocks)
     letters = {"conv": "s", "1x1": "t", "identity": "d"}
@@ -124,4 +126,36 @@ def test_reads_npz_with_block_slash_letter_keys(tmp_path):
             if f"{prefix}.scale_{key}.weight" in state:
                 flax_keys[f"{name}/{letter}"] = state[f"{prefix}.scale_{key}.weight"].reshape(-1)
     expected = {name: identity for name, (_, _, identity) in blocks.items()}
-    _check(load_repopt_scales(_npz(tmp_path, flax_keys), expected), blocks, state)
+    with pytest.raises(ScaleFileError, match=r"retired `<block>/<s\|t\|d>` layout(.|\n)*save_scales"):
+        load_scales(_npz(tmp_path, flax_keys), expected)
+
+
+# Released files: (blocks, identity blocks, channels of stage0..4) of the matching RepOpt-VGG (spec §1.5).
+RELEASED = {"B1": (28, 23, (64, 128, 256, 512, 2048)), "B2": (28, 23, (64, 160, 320, 640, 2560)),
+            "L1": (48, 43, (64, 128, 256, 512, 2048)), "L2": (48, 43, (64, 160, 320, 640, 2560))}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_scale_files(shared_weights, name, tmp_path):
+    """Every block of the matching RepOpt-VGG is found with its channels, `d` exactly on the identity blocks;
+    the values are the published ranges (s, t around 0.1-1.7 with a few negative entries; d 0.2-2.5), and an
+    .npz copy reads back identically."""
+    model = models.create(f"repopt_vgg_{name.lower()}")
+    specs = repopt_vgg.model_block_specs(model)
+    scales = load_scales(shared_weights / f"RepOpt-VGG-{name}-scales.pth", repopt_vgg.expected_blocks(model))
+    blocks, identities, widths = RELEASED[name]
+    assert list(scales) == [b.name for b in specs] and len(scales) == blocks
+    assert sum("d" in v for v in scales.values()) == identities
+    assert tuple(model.widths) == widths
+    for b in specs:
+        assert set(scales[b.name]) == ({"s", "t", "d"} if b.identity else {"s", "t"}), b.name
+        assert all(v.shape == (b.out_ch,) and v.dtype == np.float32 for v in scales[b.name].values()), b.name
+    st = np.concatenate([v[k] for v in scales.values() for k in ("s", "t")])
+    d = np.concatenate([v["d"] for v in scales.values() if "d" in v])
+    assert 0 < np.mean(st < 0) < 0.05 and d.min() > 0.2 and d.max() < 2.6
+    save_scales(tmp_path / "copy.npz", scales)
+    again = load_scales(tmp_path / "copy.npz", repopt_vgg.expected_blocks(model))
+    assert list(again) == list(scales)
+    for b, group in scales.items():
+        for k, v in group.items():
+            np.testing.assert_array_equal(again[b][k], v)

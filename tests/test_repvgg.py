@@ -10,6 +10,7 @@ Full-size models are only shape-evaluated (jax.eval_shape), never allocated.
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,14 +184,16 @@ def test_state_dict_keys_and_round_trip():
                        ("linear.weight", (10, 128)), ("linear.bias", (10,))]:
         assert sd[key].shape == shape, key
     assert "stage1.0.rbr_identity.num_batches_tracked" in sd and "stage2.0.rbr_identity.weight" not in sd
-    back = rv.from_torch(sd, deploy=False)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, variables))
+    back = rv.from_torch(sd, rv.infer_model(sd))
+    chex.assert_trees_all_equal(back, variables)
     deploy = rv.reparameterize(variables)
     sd_d = rv.to_torch(deploy, create("repvgg_tiny_se", deploy=True))
     assert "stage1.0.rbr_reparam.weight" in sd_d and "stage1.0.rbr_reparam.bias" in sd_d
     assert not any("rbr_dense" in k or "running" in k for k in sd_d)
-    back_d = rv.from_torch({f"module.{k}": v for k, v in sd_d.items()}, deploy=True)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back_d, deploy))
+    prefixed = {f"module.{k}": v for k, v in sd_d.items()}
+    back_d = rv.from_torch(prefixed, rv.infer_model(prefixed))
+    chex.assert_trees_all_equal(back_d, deploy)
+    assert rv.infer(prefixed, model) == create("repvgg_tiny_se", deploy=True)
 
 
 def test_from_torch_is_strict():
@@ -206,13 +209,14 @@ def test_from_torch_is_strict():
     ]
     for bad, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            rv.from_torch(bad, deploy=False, model=model)
+            rv.from_torch(bad, model)
     with pytest.raises(ValueError, match="unexpected torch keys"):  # training keys loaded as deploy
-        rv.from_torch(sd, deploy=True, model=create("repvgg_tiny", deploy=True))
+        rv.from_torch(sd, create("repvgg_tiny", deploy=True))
     with pytest.raises(ValueError, match="deploy"):
-        rv.from_torch(sd, deploy=True)
-    with pytest.raises(ValueError, match=r"model\.deploy"):
-        rv.from_torch(sd, deploy=True, model=model)
+        rv.infer_model(sd, deploy=True)
+    sd_d = rv.to_torch(rv.reparameterize(variables, model), create("repvgg_tiny", deploy=True))
+    with pytest.raises(ValueError, match=r"missing torch keys(.|\n)*unexpected torch keys"):  # deploy keys, train model
+        rv.from_torch(sd_d, model)
 
 
 def test_infer_model_from_state_dict():
@@ -305,7 +309,7 @@ def test_official_torch_layout_logits(name):
     x = np.random.default_rng(0).normal(size=X_SHAPE).astype(np.float32)
     with torch.no_grad():
         ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    variables = rv.from_torch(net.state_dict(), deploy=False)
+    variables = rv.from_torch(net.state_dict(), rv.infer_model(net.state_dict()))
     out = jax.jit(model.apply)(variables, jnp.asarray(x))
     assert rel_err(out, ref) < REL_TOL, rel_err(out, ref)
 

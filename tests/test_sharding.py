@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,7 @@ def test_sharded_step_equals_single_device(mesh_axes, rules):
     got, loss, norm = _run(mesh_axes, rules, jax.devices())
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norm, ref_norm, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
     # The BN running mean moved away from its zero init: statistics were actually computed.
     assert np.abs(np.asarray(got.batch_stats["BatchNorm_0"]["mean"])).max() > 1e-3
 

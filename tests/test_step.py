@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from repjax import config as config_lib, train as train_lib
+from repjax.losses import softmax_cross_entropy as cross_entropy
 from repjax.metrics import read_metrics
 from repjax.optim.schedules import make_schedule
-from repjax.step import cross_entropy, topk_correct
+from repjax.step import topk_correct
 
 
 def test_label_smoothing_matches_formula():

@@ -3,7 +3,7 @@
 1. Search the scales with the HS model (§5 HS recipe: SGD Nesterov 0.9, lr 0.1 per 256, wd 4e-5, cosine,
    10 warmup epochs, label smoothing 0.1, clip 5.0; no decay on BN, biases, s and t; decay on d):
      python -m repjax.train --config configs/repopt/repopt_vgg_cifar.py:mode=hs --workdir runs/repopt_hs
-   then write its scales: `repopt.save_scales(path, repopt_vgg.extract_scales(params))`.
+   then write its scales: `python -m repjax.projects.repopt.repopt_vgg runs/repopt_hs runs/scales.npz`.
 2. Train the plain model with RepOpt-SGD from those scales (re-initialized kernels, Grad Mult, no clipping):
      python -m repjax.train --config configs/repopt/repopt_vgg_cifar.py:mode=target,scales=runs/scales.npz \
        --workdir runs/repopt_target
@@ -11,8 +11,7 @@
 """
 
 from repjax import config as config_lib
-from repjax.projects.repopt.grad_mult import repopt_sgd_rules
-from repjax.projects.repopt.repopt_vgg import hs_rules
+from repjax.projects.repopt.grad_mult import hs_rules, repopt_sgd_rules
 
 
 def get_config(arg=None):

@@ -5,7 +5,8 @@ BN and biases), 5 warmup epochs then cosine to 0, label smoothing 0.1, no mixup,
 Train: RandomResizedCrop(224) + flip + RandAugment(2 ops). The official raug15 draws the magnitude uniformly
 in [0, 15) on a /10 scale; the `randaugment` op here takes one fixed magnitude capped at 10, so this uses 10.
 Eval: resize the short side to 224 + centre crop 224. The plain model starts from the re-initialization
-s*W3 + pad(t*W1) + pad(diag d) of the searched `scales` (.npz, `repjax.projects.repopt.grad_mult.save_scales`).
+s*W3 + pad(t*W1) + pad(diag d) of the searched `scales` (a released `.pth` or an `.npz`;
+`repjax.projects.repopt.scales`).
 
   python -m repjax.train --config configs/repopt/repopt_vgg_b1.py:scales=b1_scales.npz,data=folder:/data/imagenet \
     --workdir runs/repopt_vgg_b1

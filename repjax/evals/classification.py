@@ -9,16 +9,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from repjax import data, sharding
+from repjax import data, losses, sharding
 from repjax.data import pipeline
 from repjax.evals import EVALUATORS
 from repjax.step import make_eval_step
 
 
 def evaluate(model: nn.Module, variables: dict[str, Any], source: Any, *, batch_size: int, pp: str,
-             mesh: Mesh) -> dict[str, float]:
-    """Exact metrics over every example of `source` (the last batch is padded and masked)."""
-    step = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+             mesh: Mesh, loss: losses.Loss | None = None) -> dict[str, float]:
+    """Exact metrics over every example of `source` (the last batch is padded and masked); `loss` (default
+    softmax_xent) also names the logits that top-1 / top-5 use."""
+    step = jax.jit(make_eval_step(model, loss), out_shardings=sharding.replicated(mesh))
     batch_size = -(-batch_size // mesh.size) * mesh.size  # round up: padded rows are masked out
     totals: dict[str, float] = {}
     batches = pipeline.eval_batches(source, global_batch_size=batch_size, pp=pp,
@@ -38,4 +39,4 @@ def classification(model: nn.Module, variables: dict[str, Any], config, mesh: Me
     """Evaluator entry: a split of the configured (or another) source."""
     src = data.from_config(config, split or config.data.eval_split, source)
     return evaluate(model, variables, src, batch_size=config.eval_batch_size, pp=config.data.eval_pp,
-                    mesh=mesh)
+                    mesh=mesh, loss=losses.from_config(config.loss, train=False))

@@ -93,16 +93,54 @@ def bn(prefix: str, path: Path) -> list[Rule]:
     ]
 
 
-def _listing(title: str, items: Sequence[str], limit: int = 25) -> str:
+def listing(title: str, items: Sequence[str], limit: int = 25) -> str:
+    """`  title (n):` and one indented line per item (the first `limit`): the project's error listing."""
     shown = "\n".join(f"    {s}" for s in items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
-def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
+def problems_message(what: str, problems: Sequence[tuple[str, Sequence[str]]]) -> str | None:
+    """`what:` and one `listing` per non-empty problem list; None when there is nothing to report."""
     problems = [(t, items) for t, items in problems if items]
-    if problems:
-        raise WeightImportError(f"{what} failed:\n" + "\n".join(_listing(t, items) for t, items in problems))
+    return f"{what}:\n" + "\n".join(listing(t, list(items)) for t, items in problems) if problems else None
+
+
+def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
+    message = problems_message(f"{what} failed", problems)
+    if message:
+        raise WeightImportError(message)
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any], source: str = "state_dict") -> dict[str, Any]:
+    """Drops the `module.` prefix that `DataParallel` puts on every key; keys prefixed only in part raise."""
+    prefixed = [k for k in state_dict if k.startswith("module.")]
+    if prefixed and len(prefixed) < len(state_dict):
+        raise WeightImportError(f"{source}: {len(prefixed)} of {len(state_dict)} keys carry a 'module.' prefix "
+                                f"(e.g. {prefixed[0]!r}); expected all or none")
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy array from a numpy/JAX array or a torch tensor (bfloat16 tensors are upcast to float32)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def numpy_state_dict(state_dict: Mapping[str, Any], source: str = "state_dict") -> dict[str, np.ndarray]:
+    """The flat `{key: numpy array}` every importer takes: values as numpy, `module.` prefixes dropped."""
+    return {k: to_numpy(v) for k, v in strip_module_prefix(state_dict, source).items()}
+
+
+def bn_counters(rules: Sequence[Rule]) -> dict[str, np.ndarray]:
+    """`<bn>.num_batches_tracked = 0` (int64) for every BatchNorm among `rules`: what PyTorch's strict
+    `load_state_dict` expects beside the running statistics."""
+    return {r.torch_key.removesuffix("running_mean") + "num_batches_tracked": np.array(0, np.int64)
+            for r in rules if r.torch_key.endswith(".running_mean")}
 
 
 def _check_rules(rules: Sequence[Rule]) -> None:
@@ -131,6 +169,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule], 
       Nested dict {collection: {...}} of numpy arrays with the target's shapes and dtypes.
     """
     _check_rules(rules)
+    state_dict = strip_module_prefix(state_dict)
     leaves = traverse_util.flatten_dict(dict(target))
     by_key = {r.torch_key: r for r in rules}
     missing = [r.torch_key for r in rules if r.torch_key not in state_dict]
@@ -143,7 +182,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule], 
         if r.torch_key not in state_dict or r.flax_path not in leaves:
             continue
         want = leaves[r.flax_path]
-        source = np.asarray(state_dict[r.torch_key])
+        source = to_numpy(state_dict[r.torch_key])
         try:
             value = np.asarray(r.to_flax(source))
         except ValueError as e:
@@ -159,15 +198,18 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule], 
     return traverse_util.unflatten_dict(flat)
 
 
-def to_torch_state_dict(variables: Mapping, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
-    """Inverse of `from_torch_state_dict`: Flax variables -> PyTorch key -> numpy array (strict)."""
+def to_torch_state_dict(variables: Mapping, rules: Sequence[Rule], counters: bool = True) -> dict[str, np.ndarray]:
+    """Inverse of `from_torch_state_dict`: Flax variables -> PyTorch key -> numpy array (strict, writable copies).
+
+    `counters` adds `num_batches_tracked` per BatchNorm (`bn_counters`), so that PyTorch loads it strictly."""
     _check_rules(rules)
     leaves = traverse_util.flatten_dict(dict(variables))
     covered = {r.flax_path for r in rules}
     _raise_if([("rules pointing to no flax leaf", [_name(r.flax_path) for r in rules if r.flax_path not in leaves]),
                ("flax leaves without a rule", [_name(p) for p in leaves if p not in covered])],
               "Flax -> PyTorch export")
-    return {r.torch_key: np.ascontiguousarray(r.to_torch(np.asarray(leaves[r.flax_path]))) for r in rules}
+    sd = {r.torch_key: np.array(r.to_torch(np.asarray(leaves[r.flax_path])), order="C") for r in rules}
+    return sd | bn_counters(rules) if counters else sd
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
@@ -175,9 +217,7 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return strip_module_prefix(obj) if obj else obj
 
 
 def load_state_dict(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
@@ -203,6 +243,7 @@ def load_state_dict(path: str | os.PathLike, *, allow_nonfinite: bool = False) -
         sd = torch_zip.load_state_dict(path, upcast_bfloat16=True)
     else:
         sd = _load_legacy(path)
+    sd = strip_module_prefix(sd, path)
     if not allow_nonfinite:
         check_finite(sd, path)
     return sd

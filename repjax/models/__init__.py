@@ -15,7 +15,8 @@ import flax.linen as nn
 from repjax.models.family import Family, Variant, abstract_variables
 from repjax.registry import Registry
 
-__all__ = ["MODELS", "Family", "Variant", "abstract_variables", "create", "names", "register", "variant"]
+__all__ = ["MODELS", "Family", "Variant", "abstract_variables", "create", "families", "family_of", "names",
+           "register", "variant"]
 
 MODELS = Registry("model")
 VARIANTS = Registry("model")  # name -> Variant (family and default input size)
@@ -53,6 +54,18 @@ def variant(name: str) -> Variant:
     """The family and default input size of the registered model `name`."""
     _import_all()
     return VARIANTS.get(name)
+
+
+def families() -> list[Family]:
+    """Every registered family once, in name order."""
+    _import_all()
+    unique = {VARIANTS.get(n).family.name: VARIANTS.get(n).family for n in VARIANTS.names()}
+    return [unique[k] for k in sorted(unique)]
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The family whose module class `model` is an instance of (None if no family declares it)."""
+    return next((f for f in families() if isinstance(model, f.module)), None)
 
 
 def names() -> list[str]:

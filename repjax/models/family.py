@@ -3,12 +3,19 @@
 A *family* is one model file (`repjax/models/resnet_cifar.py`, `repjax/projects/repopt/repvgg.py`, ...): one
 Flax Linen module class, its variants registered by name, and these pure functions, all with one signature:
 
-    macs(model, height, width) -> int                       analytic multiply-accumulates of one image
+    macs(model, height, width) -> int                       analytic multiply-accumulates of one image in the
+                                                            inference (deploy) form, the papers' convention
     reparameterize(variables, model) -> variables           training form -> deploy form (two-form families)
     deploy(model) -> model                                  the deploy-form module of a training-form module
     from_torch(state_dict, model) -> variables              a released PyTorch state_dict, strictly
     to_torch(variables, model) -> state_dict                the inverse (numpy arrays by PyTorch key)
     infer(state_dict, model) -> model                       `model` in the form a state_dict holds (optional)
+
+`infer` adapts `model` (a registered variant, possibly with constructor overrides) to a file: the form (training
+or deploy) and the sizes a file may legitimately change (the head's classes); the architecture stays the
+variant's, so a file of another depth fails the strict import with its shape mismatches listed.
+`macs` counts convolutions and matmuls (BN, activations and other elementwise operations not counted); the
+contract test holds it to XLA's count of the deploy model with the reference depthwise algorithm.
 
 `variables` is always the dict `model.init` returns (`{'params'}` plus `{'batch_stats'}` where the module has
 BatchNorm); `reparameterize` returns exactly the collections of `deploy(model).init`, so the result can be
@@ -60,6 +67,14 @@ class Family:
     @property
     def has_deploy_form(self) -> bool:
         return self.reparameterize is not None
+
+    def is_deploy(self, model: nn.Module) -> bool:
+        """Whether `model` is this family's deploy form (`deploy` leaves it unchanged)."""
+        return self.has_deploy_form and self.deploy(model) == model
+
+    def infer_model(self, state_dict: Mapping[str, np.ndarray], model: nn.Module) -> nn.Module:
+        """`infer(state_dict, model)` where the family has it, else `model`."""
+        return self.infer(state_dict, model) if self.infer is not None else model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,11 @@ stages 2 and 3 has stride 2), global average pooling and a linear head; depth = 
 are parameter free: stride-2 subsampling `x[:, ::2, ::2]` plus zero channels, half before and half after
 the existing ones (what the akamaster PyTorch weights were trained with).
 
-`torch_rules` / `from_torch` map PyTorch state_dict keys (akamaster names: `conv1`, `bn1`, `layer2.0.conv1`,
-`linear`) onto this module. The map lives here, beside the Flax names it refers to, so that renaming a
-submodule and its map is one change; `repjax.io.torch` stays model agnostic.
+The family contract (`repjax.models.family`; the file a new family copies): `macs`, `from_torch` / `to_torch`
+(akamaster key names: `conv1`, `bn1`, `layer2.0.conv1`, `linear`; the map lives here, beside the Flax names it
+refers to, so that renaming a submodule and its map is one change; `repjax.io.torch` stays model agnostic),
+`infer` (the head size a file holds), `FAMILY`, and every variant registered with `register`. One form only:
+no `reparameterize` / `deploy`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import re
 from collections.abc import Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax.io import IMPORTERS, torch as tio
-from repjax.models import MODELS
+from repjax.io import torch as tio
+from repjax.models import Family, abstract_variables, register
 from repjax.nn.layers import ConvBN, Dtype, he_normal
 
 STAGE_WIDTHS = (16, 32, 64)
@@ -81,40 +82,27 @@ class ResNetCifar(nn.Module):
         return x.astype(jnp.float32)
 
 
-@MODELS.register("resnet20")
-def resnet20(**kw) -> ResNetCifar:
-    """ResNet-20 (0.27M params); kwargs: num_classes=10, dtype=float32, width=1."""
-    return ResNetCifar(depth=20, **kw)
+# ------------------------------------------------------------------ the family contract
 
 
-@MODELS.register("resnet32")
-def resnet32(**kw) -> ResNetCifar:
-    """ResNet-32 (0.46M params)."""
-    return ResNetCifar(depth=32, **kw)
+def macs(model: ResNetCifar, height: int, width: int | None = None) -> int:
+    """Multiply-accumulates of one image: the 3x3 convs and the head (option-A shortcuts are free)."""
+    h, w = height, width or height
+    n, c_in, total = blocks_per_stage(model.depth), 3, 0
+    for s, base in enumerate(STAGE_WIDTHS):
+        c = base * model.width
+        if s == 0:
+            total += 9 * c_in * c * h * w  # stem
+            c_in = c
+        for b in range(n):
+            if s > 0 and b == 0:
+                h, w = (h + 1) // 2, (w + 1) // 2
+            total += 9 * c_in * c * h * w + 9 * c * c * h * w
+            c_in = c
+    return total + c_in * model.num_classes
 
 
-@MODELS.register("resnet44")
-def resnet44(**kw) -> ResNetCifar:
-    """ResNet-44 (0.66M params)."""
-    return ResNetCifar(depth=44, **kw)
-
-
-@MODELS.register("resnet56")
-def resnet56(**kw) -> ResNetCifar:
-    """ResNet-56 (0.85M params)."""
-    return ResNetCifar(depth=56, **kw)
-
-
-@MODELS.register("resnet110")
-def resnet110(**kw) -> ResNetCifar:
-    """ResNet-110 (1.7M params)."""
-    return ResNetCifar(depth=110, **kw)
-
-
-# ------------------------------------------------------------------ PyTorch import (akamaster key names)
-
-
-def torch_rules(depth: int) -> list[tio.Rule]:
+def torch_rules(model: ResNetCifar) -> list[tio.Rule]:
     """Key map from an akamaster-style PyTorch state_dict to this module's variables."""
 
     def conv_bn(conv: str, bn: str, path: tuple[str, ...]) -> list[tio.Rule]:
@@ -122,7 +110,7 @@ def torch_rules(depth: int) -> list[tio.Rule]:
 
     rules = conv_bn("conv1", "bn1", ("stem",))
     for s in range(1, 4):
-        for b in range(blocks_per_stage(depth)):
+        for b in range(blocks_per_stage(model.depth)):
             t, f = f"layer{s}.{b}", (f"stage{s}_block{b}",)
             rules += conv_bn(f"{t}.conv1", f"{t}.bn1", (*f, "conv_bn1"))
             rules += conv_bn(f"{t}.conv2", f"{t}.bn2", (*f, "conv_bn2"))
@@ -138,20 +126,56 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict[str, int]:
                 width=max(1, int(state_dict["conv1.weight"].shape[0]) // STAGE_WIDTHS[0]))
 
 
-def from_torch(state_dict: Mapping[str, np.ndarray], depth: int | None = None) -> dict:
-    """Imports a PyTorch CIFAR ResNet state_dict -> {'params', 'batch_stats'} (numpy float32, strict)."""
-    cfg = infer_config(state_dict)
-    if depth is not None:
-        cfg["depth"] = depth
-    model = ResNetCifar(**cfg)
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-    return tio.from_torch_state_dict(state_dict, torch_rules(cfg["depth"]), target)
+def infer(state_dict: Mapping[str, np.ndarray], model: ResNetCifar) -> ResNetCifar:
+    """`model` with the file's number of classes (depth and width stay: a mismatch fails the import)."""
+    return model.clone(num_classes=infer_config(state_dict)["num_classes"])
 
 
-for _depth in (20, 32, 44, 56, 110):
-    IMPORTERS.register(f"resnet{_depth}", lambda sd, d=_depth: from_torch(sd, d))
+def from_torch(state_dict: Mapping[str, np.ndarray], model: ResNetCifar) -> dict:
+    """Imports a PyTorch CIFAR ResNet state_dict -> {'params', 'batch_stats'} of `model` (numpy float32, strict)."""
+    return tio.from_torch_state_dict(state_dict, torch_rules(model), abstract_variables(model, 32))
 
 
-def to_torch(variables: Mapping, depth: int) -> dict[str, np.ndarray]:
+def to_torch(variables: Mapping, model: ResNetCifar) -> dict[str, np.ndarray]:
     """Exports {'params', 'batch_stats'} to an akamaster-style PyTorch state_dict (numpy arrays)."""
-    return tio.to_torch_state_dict(variables, torch_rules(depth))
+    return tio.to_torch_state_dict(variables, torch_rules(model))
+
+
+FAMILY = Family("resnet_cifar", ResNetCifar, tiny="resnet8", macs=macs, from_torch=from_torch, to_torch=to_torch,
+                infer=infer)
+
+
+@register("resnet8", FAMILY, input_size=32)
+def resnet8(**kw) -> ResNetCifar:
+    """ResNet-8 (one block per stage): the family's test-size variant."""
+    return ResNetCifar(depth=8, **kw)
+
+
+@register("resnet20", FAMILY, input_size=32)
+def resnet20(**kw) -> ResNetCifar:
+    """ResNet-20 (0.27M params); kwargs: num_classes=10, dtype=float32, width=1."""
+    return ResNetCifar(depth=20, **kw)
+
+
+@register("resnet32", FAMILY, input_size=32)
+def resnet32(**kw) -> ResNetCifar:
+    """ResNet-32 (0.46M params)."""
+    return ResNetCifar(depth=32, **kw)
+
+
+@register("resnet44", FAMILY, input_size=32)
+def resnet44(**kw) -> ResNetCifar:
+    """ResNet-44 (0.66M params)."""
+    return ResNetCifar(depth=44, **kw)
+
+
+@register("resnet56", FAMILY, input_size=32)
+def resnet56(**kw) -> ResNetCifar:
+    """ResNet-56 (0.85M params)."""
+    return ResNetCifar(depth=56, **kw)
+
+
+@register("resnet110", FAMILY, input_size=32)
+def resnet110(**kw) -> ResNetCifar:
+    """ResNet-110 (1.7M params)."""
+    return ResNetCifar(depth=110, **kw)

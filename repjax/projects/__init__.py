@@ -2,9 +2,10 @@
 
 The rule (what a new paper follows):
 - `repjax/projects/<paper>/` holds the paper's models, its optax transforms, losses, evaluators, file formats
-  and re-parameterizations, each registered by name in the shared registries (`repjax.models.MODELS`,
-  `repjax.optim.TRANSFORMS`, `repjax.losses.LOSSES`, `repjax.evals.EVALUATORS`, `repjax.io.IMPORTERS`). Its
-  `__init__` imports the modules that register, and its name is added to `PROJECTS` below.
+  and re-parameterizations, each registered by name in the shared registries (model families with
+  `repjax.models.register`, `repjax.optim.TRANSFORMS`, `repjax.losses.LOSSES`, `repjax.evals.EVALUATORS`);
+  weight import follows from the family contract (`repjax.models.family`). Its `__init__` imports the modules
+  that register, and its name is added to `PROJECTS` below.
 - Its configs live in `configs/<paper>/`, its reproduction scripts in `experiments/<paper>*.py`, its tests in
   `tests/test_<paper>*.py` or tests named after its modules.
 - Shared machinery (`repjax/nn`, `nn/dwconv`, `optim`, `data`, `sharding`, `step`, `train`, `evals`, `io`) never

@@ -8,6 +8,8 @@ Stride 1, zero padding kh//2 / kw//2 ('same' output size), odd kernel sizes. `me
 large kernels), 'boxsum' (box sums over the cells of a piecewise-constant kernel, PeLK Eq. 1); 'auto' chooses
 by backend, shape and kernel structure (`choose`, `choose_piecewise`). Every algorithm computes the same
 function with gradients for x and the kernel; kernels larger than the map are cropped exactly to (2H-1)x(2W-1).
+`with forced_method('native'):` overrides every choice while tracing (what cost analysis uses to count the
+convolution rather than the algorithm).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from repjax.nn.dwconv.ops import (
     choose_piecewise,
     depthwise_conv,
     expand_piecewise,
+    forced_method,
     piecewise_conv,
 )
 
-__all__ = ["METHODS", "choose", "choose_piecewise", "depthwise_conv", "expand_piecewise", "piecewise_conv"]
+__all__ = ["METHODS", "choose", "choose_piecewise", "depthwise_conv", "expand_piecewise", "forced_method",
+           "piecewise_conv"]

@@ -6,7 +6,8 @@ boxsum.py. Dtypes: 'native' computes in x.dtype; the others accumulate in float3
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,24 @@ CPU_MATMUL_MAX_PIXELS = 64
 ACCEL_NATIVE_MAX_K = 13
 
 
+_FORCED: list[str] = []  # innermost `forced_method` last
+
+
+@contextlib.contextmanager
+def forced_method(name: str) -> Iterator[None]:
+    """Within the block, every `depthwise_conv` / `piecewise_conv` traced uses algorithm `name`, whatever method
+    its caller asked for (the choice is made while tracing, so wrap the tracing: `jit(...).lower(...)`).
+
+    Cost analysis uses it with 'native': XLA then counts the convolution itself (2 * k_h * k_w FLOPs per output),
+    not the FFT, matmul or shift arithmetic an automatic choice would run."""
+    METHODS.get(name)  # unknown names raise here, with the known ones
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def choose(x_shape: Sequence[int], kernel_shape: Sequence[int], backend: str | None = None) -> str:
     """The algorithm 'auto' uses for a depthwise conv of these shapes on `backend` (default: jax's)."""
     backend = backend or jax.default_backend()
@@ -69,7 +88,7 @@ def choose_piecewise(x_shape: Sequence[int], sizes: Sequence[int], backend: str 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, method: str = "auto") -> jax.Array:
     """Depthwise 'same' convolution (cross-correlation, like lax.conv) of x [N, H, W, C] with kernel [kh, kw, 1, C]."""
     check(x, kernel)
-    name = choose(x.shape, kernel.shape) if method == "auto" else method
+    name = _FORCED[-1] if _FORCED else choose(x.shape, kernel.shape) if method == "auto" else method
     fn: Callable = METHODS.get(name)
     return fn(x, kernel)
 
@@ -88,7 +107,7 @@ def expand_piecewise(theta: jax.Array, sizes: Sequence[int]) -> jax.Array:
 def piecewise_conv(x: jax.Array, theta: jax.Array, sizes: Sequence[int], method: str = "auto") -> jax.Array:
     """`depthwise_conv(x, expand_piecewise(theta, sizes))`; 'boxsum' and 'matmul' never materialise the dense
     kernel."""
-    name = choose_piecewise(x.shape, sizes) if method == "auto" else method
+    name = _FORCED[-1] if _FORCED else choose_piecewise(x.shape, sizes) if method == "auto" else method
     if name == "boxsum":
         check(x, jax.ShapeDtypeStruct((sum(sizes), sum(sizes), 1, theta.shape[-1]), theta.dtype))
         return boxsum(x, theta, sizes)

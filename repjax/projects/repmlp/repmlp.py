@@ -5,7 +5,9 @@ RepMLP block on x [N, H, W, C] (H % h == W % w == 0, C % S == 0; channel c uses 
 with GP the Global Perceptron gate (GAP -> 1x1 C/r -> ReLU -> 1x1 C -> sigmoid), FC3 S spatial (hw x hw)
 matrices applied to every h x w partition, and the Local Perceptron convs zero-padded at each partition
 boundary. Locality Injection (paper Sec. "Locality Injection"; `repjax.nn.locality`) folds the BNs and convs into FC3:
-`reparameterize` maps training variables to the deploy form (FC3 with bias, no fc3_bn / repconv*).
+`reparameterize` maps training variables to the deploy form (FC3 with bias, no fc3_bn / repconv*); with
+`deploy`, `macs`, `from_torch` / `to_torch` (official layout) and `infer` it is the family contract
+(`repjax.models.family`), registered as `FAMILY`.
 Partitions are taken literally (out[partition i, j] depends only on in[partition i, j]). With one partition
 per map (the released configs at native resolution) this equals the official code; with hp * wp > 1 the
 official forward's reshapes mix partitions and channels (an identity FC3 does not give back its input there),
@@ -26,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax.io import IMPORTERS, torch as tio
-from repjax.models import MODELS
+from repjax.io import torch as tio
+from repjax.models import Family, abstract_variables, register
 from repjax.nn.conv import Conv
 from repjax.nn.layers import ConvBN, batch_norm, he_normal
 from repjax.nn.locality import fuse_fc_bn, inject
@@ -208,27 +210,29 @@ def inject_block(params: Mapping[str, Any], stats: Mapping[str, Any], h: int, w:
     return {"gp": params["gp"], "fc3": {"kernel": kernel, "bias": bias}}
 
 
-def reparameterize(variables: Mapping[str, Any], eps: float = BN_EPS, model: RepMLPNet | None = None) -> dict[str, Any]:
+def reparameterize(variables: Mapping[str, Any], model: RepMLPNet) -> dict[str, Any]:
     """Training-form {'params', 'batch_stats'} -> deploy-form ones (pure; jit-able; exact in eval mode only).
 
     Every `repmlp_block` gets its BNs and conv branches folded into FC3; the other BNs stay (as officially).
-    Partition sizes come from `model.hs`/`model.ws`, or without `model` from FC3 (h = w = sqrt(hw)).
+    Partition sizes come from `model.hs` / `model.ws`; an FC3 of another size raises.
     """
     params, stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
     for name, unit in variables["params"].items():
         if isinstance(unit, Mapping) and "repmlp_block" in unit:
             blk = unit["repmlp_block"]
             hw = blk["fc3"]["kernel"].shape[1]
-            if model is not None:
-                st = int(name.split("_")[1])
-                h, w = model.hs[st], model.ws[st]
-            else:
-                h = w = round(np.sqrt(float(hw)))
+            st = int(name.split("_")[1])
+            h, w = model.hs[st], model.ws[st]
             if h * w != hw:
-                raise ValueError(f"{name}: FC3 has {hw} positions, not {h}x{w}; pass `model` for non-square ones")
-            params[name] = {**unit, "repmlp_block": inject_block(blk, stats[name]["repmlp_block"], h, w, eps)}
+                raise ValueError(f"{name}: FC3 has {hw} positions, the model's partition is {h}x{w}")
+            params[name] = {**unit, "repmlp_block": inject_block(blk, stats[name]["repmlp_block"], h, w)}
             stats[name] = {k: v for k, v in stats[name].items() if k != "repmlp_block"}
     return {"params": params, "batch_stats": stats}
+
+
+def deploy(model: RepMLPNet) -> RepMLPNet:
+    """The deploy form (FC3 with bias, no fc3_bn / repconv*) of `model`."""
+    return model.clone(deploy=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,11 +258,6 @@ def _make(channels, blocks, size, sharesets):
     return factory
 
 
-for _name, _cfg in _CONFIGS.items():
-    MODELS.register(f"repmlpnet_{_name}", _make(*_cfg))
-
-
-@MODELS.register("repmlpnet_cifar")
 def repmlpnet_cifar(**kw: Any) -> RepMLPNet:
     """CIFAR-10 (32x32): patch 2 -> maps 16, 8, 4, 2 (one partition each), widths 32-256, 1.15M params."""
     cfg = dict(channels=(32, 64, 128, 256), num_blocks=(1, 1, 2, 1), hs=(16, 8, 4, 2), ws=(16, 8, 4, 2),
@@ -266,7 +265,6 @@ def repmlpnet_cifar(**kw: Any) -> RepMLPNet:
     return RepMLPNet(**{**cfg, **kw})
 
 
-@MODELS.register("repmlpnet_imagenette")
 def repmlpnet_imagenette(image_size: int = 128, **kw: Any) -> RepMLPNet:
     """Imagenette (crops of `image_size`, a multiple of 32): patch 4, one partition per map (32, 16, 8, 4 at
     128: 7.3M params; 56, 28, 14, 7 at 224: 31.6M), widths 48-384, S = (1, 4, 16, 32)."""
@@ -278,7 +276,6 @@ def repmlpnet_imagenette(image_size: int = 128, **kw: Any) -> RepMLPNet:
     return RepMLPNet(**{**cfg, **kw})
 
 
-@MODELS.register("repmlpnet_tiny")
 def repmlpnet_tiny(**kw: Any) -> RepMLPNet:
     """Test-size model: 2 stages, partitions 4 and 2 (a 16x16 input gives 2x2 partitions per stage), k=(1,3,5)."""
     cfg = dict(channels=(8, 16), num_blocks=(1, 1), hs=(4, 2), ws=(4, 2), sharesets=(2, 4), patch_size=2,
@@ -351,15 +348,16 @@ def torch_rules(model: RepMLPNet) -> list[tio.Rule]:
     return rules + tio.bn("head_norm", ("head_norm",)) + tio.linear("head", ("head",))
 
 
-def abstract_variables(model: RepMLPNet) -> dict[str, Any]:
-    """Shapes/dtypes of `model`'s variables at its native input size (nothing allocated)."""
-    size = model.hs[0] * model.patch_size
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size * model.ws[0] // model.hs[0],
-                                                                            3))))
+def native_size(model: RepMLPNet) -> tuple[int, int]:
+    """The input size at which every stage's map is one partition (what the released weights were made for)."""
+    return model.hs[0] * model.patch_size, model.ws[0] * model.patch_size
 
 
-def infer_model(sd: Mapping[str, Any], deploy: bool = False, **kw: Any) -> RepMLPNet:
-    """Builds the RepMLPNet whose shapes match an official state_dict (square partitions h = w = sqrt(hw))."""
+def infer_model(sd: Mapping[str, Any], deploy: bool | None = None, **kw: Any) -> RepMLPNet:
+    """Builds the RepMLPNet whose shapes match an official state_dict (square partitions h = w = sqrt(hw); the
+    form read off the keys unless `deploy` is given)."""
+    sd = tio.strip_module_prefix(sd)
+    deploy = not any(".fc3_bn." in k for k in sd) if deploy is None else deploy
     if "conv_embedding.conv.weight" not in sd or "head.weight" not in sd:
         raise ValueError("not a RepMLPNet state_dict (no conv_embedding / head)")
     units: dict[int, int] = {}
@@ -383,35 +381,31 @@ def infer_model(sd: Mapping[str, Any], deploy: bool = False, **kw: Any) -> RepML
     return RepMLPNet(**{**cfg, **kw})
 
 
-def from_torch(state_dict: Mapping[str, Any], deploy: bool = False, model: RepMLPNet | None = None) -> dict[str, Any]:
-    """Official RepMLPNet state_dict -> repjax variables, strict (`WeightImportError` lists missing/unexpected
-    keys and shape mismatches). A 'module.' prefix is stripped; `num_batches_tracked` is dropped."""
-    sd = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state_dict.items()}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    model = model if model is not None else infer_model(sd, deploy)
-    if model.deploy != deploy:
-        raise ValueError(f"model.deploy={model.deploy} but deploy={deploy}")
-    variables = tio.from_torch_state_dict(sd, torch_rules(model), abstract_variables(model))
-    return jax.tree.map(jnp.asarray, variables)
+def infer(state_dict: Mapping[str, Any], model: RepMLPNet) -> RepMLPNet:
+    """`model` in the form the state_dict holds (deploy without `fc3_bn`), with its number of classes."""
+    sd = tio.strip_module_prefix(state_dict)
+    if "head.weight" not in sd:
+        raise ValueError("not a RepMLPNet state_dict: no 'head.weight'")
+    return model.clone(deploy=not any(".fc3_bn." in k for k in sd), num_classes=int(np.shape(sd["head.weight"])[0]))
+
+
+def from_torch(state_dict: Mapping[str, Any], model: RepMLPNet) -> dict[str, Any]:
+    """Official RepMLPNet state_dict -> variables of `model` (numpy), strict (`WeightImportError` lists
+    missing/unexpected keys and shape mismatches). A 'module.' prefix is stripped; `num_batches_tracked` is
+    dropped."""
+    return tio.from_torch_state_dict(state_dict, torch_rules(model), abstract_variables(model, *native_size(model)))
 
 
 def to_torch(variables: Mapping[str, Any], model: RepMLPNet) -> dict[str, np.ndarray]:
     """repjax variables -> official state_dict (numpy; `num_batches_tracked` added for strict torch loading)."""
-    rules = torch_rules(model)
-    sd = {k: np.array(v) for k, v in tio.to_torch_state_dict(variables, rules).items()}
-    bns = [r.torch_key.removesuffix(".running_mean") for r in rules if r.torch_key.endswith(".running_mean")]
-    return sd | {f"{p}.num_batches_tracked": np.array(0, np.int64) for p in bns}
+    return tio.to_torch_state_dict(variables, torch_rules(model))
 
 
-def _importer(name: str):
-    def load(sd: Mapping[str, Any]) -> dict[str, Any]:
-        deploy = not any(".fc3_bn." in k for k in sd)
-        num_classes = int(np.shape(sd.get("head.weight", sd.get("module.head.weight", np.zeros((0,)))))[0])
-        return from_torch(sd, deploy, MODELS.get(name)(deploy=deploy, num_classes=num_classes))
+FAMILY = Family("repmlpnet", RepMLPNet, tiny="repmlpnet_tiny", macs=macs, from_torch=from_torch, to_torch=to_torch,
+                reparameterize=reparameterize, deploy=deploy, infer=infer)
 
-    return load
-
-
-for _name in (*(f"repmlpnet_{n}" for n in _CONFIGS), "repmlpnet_cifar", "repmlpnet_imagenette", "repmlpnet_tiny"):
-    IMPORTERS.register(_name, _importer(_name))
+for _name, _cfg in _CONFIGS.items():
+    register(f"repmlpnet_{_name}", FAMILY, input_size=_cfg[2])(_make(*_cfg))
+register("repmlpnet_cifar", FAMILY, input_size=32)(repmlpnet_cifar)
+register("repmlpnet_imagenette", FAMILY, input_size=128)(repmlpnet_imagenette)
+register("repmlpnet_tiny", FAMILY, input_size=16)(repmlpnet_tiny)

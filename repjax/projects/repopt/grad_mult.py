@@ -11,9 +11,10 @@ RepOpt-SGD (p = 2) multiplies the raw gradient before coupled weight decay and N
 the moments and the preconditioned direction again before decoupled decay (`repopt_adamw_rules`, which uses
 `post_transforms`); it matches CSLA + AdamW only up to Adam's eps and only for positive scales.
 
-Scales are a plain dict `{block: {'s': [O], 't': [O], 'd': [O] (identity blocks only)}}` keyed by the Flax
-block name (`stage0`, `stage1_0`, ...), or an `.npz` file with keys `<block>/s`, `<block>/t`, `<block>/d`.
-Gradient clipping breaks the equivalence (paper §3, README): the transform refuses `optim.clip_norm`.
+Scales are `repjax.projects.repopt.scales` dicts `{block: {'s', 't', 'd' (identity blocks only)}}` or the path
+of a scale file. Gradient clipping breaks the equivalence (paper §3, README): the transform refuses
+`optim.clip_norm`. This module holds all of RepOpt's optimizer rules: `repopt_sgd_rules`, `repopt_adamw_rules`
+for the plain target and `hs_rules` for the Hyper-Search / CSLA models.
 """
 
 from __future__ import annotations
@@ -24,49 +25,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from repjax.optim.optimizers import TRANSFORMS
+from repjax.projects.repopt.scales import ScalesLike, as_scales, block_names
 from repjax.sharding import path_str
-
-Scales = dict[str, dict[str, np.ndarray]]
-ScalesLike = Scales | Mapping[str, Mapping[str, Any]] | str | os.PathLike
 
 GRAD_MULT = "repopt_grad_mult"
 NO_DECAY = r"(^|/)bn/|(^|/)bias$"  # BN gamma/beta and biases: no weight decay (official `set_weight_decay`)
 BLOCK_KERNELS = r"^stage\d+(_\d+)?/conv/kernel$"  # the 3x3 kernels of the plain (target) blocks
-
-
-def save_scales(path: str | os.PathLike, scales: ScalesLike) -> None:
-    """Writes scales to an `.npz` with keys `<block>/<s|t|d>`."""
-    flat = {f"{b}/{k}": np.asarray(v, np.float32) for b, entry in as_scales(scales).items() for k, v in entry.items()}
-    np.savez(path, **flat)
-
-
-def load_scales(path: str | os.PathLike) -> Scales:
-    """Reads an `.npz` written by `save_scales`; every block needs 's' and 't'."""
-    out: Scales = {}
-    with np.load(path) as f:
-        for key in f.files:
-            block, _, name = key.rpartition("/")
-            if name not in ("s", "t", "d") or not block:
-                raise ValueError(f"{path}: unexpected key {key!r} (want '<block>/s', '<block>/t', '<block>/d')")
-            out.setdefault(block, {})[name] = np.asarray(f[key], np.float32)
-    return as_scales(out)
-
-
-def as_scales(scales: ScalesLike) -> Scales:
-    """Scales from a dict or an `.npz` path, as float32 numpy vectors; checks that each block has s and t."""
-    if isinstance(scales, str | os.PathLike):
-        return load_scales(scales)
-    out: Scales = {}
-    for block, entry in scales.items():
-        unknown = set(entry) - {"s", "t", "d"}
-        if unknown or not {"s", "t"} <= set(entry):
-            raise ValueError(f"scales[{block!r}] must hold 's', 't' and optionally 'd'; got {sorted(entry)}")
-        out[block] = {k: np.asarray(v, np.float32).reshape(-1) for k, v in entry.items()}
-    return out
 
 
 def _pow(x: jax.Array, power: float) -> jax.Array:
@@ -159,3 +126,27 @@ def repopt_adamw_rules(scales: ScalesLike, power: float = 1.0) -> list[tuple[str
     and again on the direction before decoupled decay (§1.6); exact only up to eps, for positive scales."""
     mult = _mult_spec(scales, power)
     return [(NO_DECAY, {"weight_decay": 0.0}), (BLOCK_KERNELS, {"transforms": [mult], "post_transforms": [mult]})]
+
+
+def hs_rules(csla: bool = False) -> list[tuple[str, dict]]:
+    """`optim.rules` for HS / CSLA training, as the official `set_weight_decay`: no decay on BN, biases and
+    s, t (frozen with `csla=True`); decay on conv kernels, the head kernel and the identity scale d."""
+    st = {"frozen": True} if csla else {"weight_decay": 0.0}
+    return [(r"(^|/)scale_(conv|1x1)$", st), (NO_DECAY, {"weight_decay": 0.0})]
+
+
+def grad_mults(scales: ScalesLike, target_params: Mapping[str, Any], power: float) -> dict[str, Any]:
+    """Grad Mult tensors (paper Eq. 3) `{block: {'conv': {'kernel': M}}}` for the target's 3x3 kernels
+    (HWIO, per output channel): s^p everywhere, + t^p at the centre, + 1 at the centre diagonal with identity.
+    Only the block kernels get one; BN and head are updated normally."""
+    scales = as_scales(scales)
+    names = block_names(target_params)
+    missing, extra = sorted(set(names) - set(scales)), sorted(set(scales) - set(names))
+    if missing or extra:
+        raise ValueError(f"scales do not fit the params: missing blocks {missing}, unexpected blocks {extra}")
+    out = {}
+    for n in names:
+        sc = scales[n]
+        shape = tuple(target_params[n]["conv"]["kernel"].shape)
+        out[n] = {"conv": {"kernel": mult_tensor(shape, sc["s"], sc["t"], "d" in sc, power)}}
+    return out

@@ -5,8 +5,15 @@ Modes (same depths, widths and strides; one BN per block in all of them):
   per-output-channel scales `scale_conv` (s), `scale_1x1` (t) and `scale_identity` (d; only when in == out
   and stride 1). In `'hs'` all are trained; in `'csla'` s and t are constants (gradient stopped here; freeze
   them in the optimizer with `hs_rules(csla=True)`) and d is trained.
-- `'target'`: `ReLU(BN(conv3x3 x))`, trained with RepOpt-SGD (`repjax.projects.repopt.grad_mult`). With `init_scales`
-  (an `.npz` of searched scales) its 3x3 kernels start from the Rule of Initialization (§1.4).
+- `'target'`: `ReLU(BN(conv3x3 x))`, trained with RepOpt-SGD (`repjax.projects.repopt.grad_mult`, which holds
+  all of RepOpt's optimizer rules). With `init_scales` (a scale file, `repjax.projects.repopt.scales`) its 3x3
+  kernels start from the Rule of Initialization (§1.4).
+
+Family contract (`repjax.models.family`): the deploy form of every mode is the RepVGG deploy model
+(`rbr_reparam` conv with bias per block, same block names), so `reparameterize` maps hs/csla/target variables
+to it and RepOpt-VGG and RepVGG share one deploy architecture; `from_torch` / `to_torch` use the official
+module names (`stage1.0.conv.weight`, `.conv_1x1`, `.scale_conv.weight`, `.bn`, `linear`; the layout of
+`repoptvgg_model.py` as the spec describes it, not checked against a released checkpoint: none is at hand).
 
 Parameter tree: `stage0`, `stage{s}_{i}`, `linear`; a block holds `conv` (3x3, HWIO) and `bn`, plus
 `conv_1x1`, `scale_conv`, `scale_1x1`, `scale_identity` in hs/csla form. Batch statistics are identical in
@@ -19,8 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import pathlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -29,24 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax.models import MODELS
+from repjax.io import torch as tio
+from repjax.models import Family, abstract_variables, register
 from repjax.nn.layers import batch_norm, torch_padding
 from repjax.nn.reparam import fuse_conv_bn, identity_kernel, pad_kernel
-from repjax.projects.repopt.grad_mult import (
-    NO_DECAY,
-    Scales,
-    ScalesLike,
-    as_scales,
-    load_scales,
-    mult_tensor,
-    save_scales,
-)
-from repjax.projects.repopt.repvgg import repvgg_widths
+from repjax.projects.repopt import repvgg, scales as scale_files
+from repjax.projects.repopt.repvgg import RepVGG, repvgg_widths
+from repjax.projects.repopt.scales import Scales, ScalesLike, as_scales, block_names
 
 MODES = ("hs", "csla", "target")
 # PyTorch's default conv/linear weight init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_BLOCK = re.compile(r"^stage(\d+)(?:_(\d+))?$")
 
 
 class BlockSpec(NamedTuple):
@@ -146,7 +144,7 @@ class RepOptVGG(nn.Module):
     Attributes:
       num_blocks: blocks per stage 1..n; widths / strides: of stage0..n.
       mode: 'hs', 'csla' or 'target' (module docstring).
-      init_scales: target mode only, an `.npz` of scales (`repjax.projects.repopt.grad_mult.save_scales`): the 3x3
+      init_scales: target mode only, a scale file (`repjax.projects.repopt.scales.load_scales`): the 3x3
         kernels are initialized as s*W3 + pad(t*W1) + pad(diag d) (§1.4) instead of plain W3.
       use_identity_scales: use the searched d in that init (official default) rather than 1.
     """
@@ -166,7 +164,8 @@ class RepOptVGG(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.init_scales and self.mode != "target":
             raise ValueError("init_scales is for mode='target' (the re-initialized plain model)")
-        scales = load_scales(self.init_scales) if self.init_scales and self.is_initializing() else None
+        scales = (scale_files.load_scales(self.init_scales) if self.init_scales and self.is_initializing()
+                  else None)
         specs = block_specs(self.num_blocks, self.widths, self.strides, x.shape[-1])
         if scales is not None:
             _check_blocks(scales, specs)
@@ -205,85 +204,21 @@ def _check_blocks(scales: Scales, specs: Sequence[BlockSpec]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scales, re-initialization, Grad Mult (pure functions on parameter dicts)
+# Scales and re-initialization (pure functions on parameter dicts)
 
 
-def _block_order(name: str) -> tuple[int, int]:
-    m = _BLOCK.match(name)
-    return int(m[1]), int(m[2] or 0)
-
-
-def block_names(params: Mapping[str, Any]) -> list[str]:
-    """The `stage*` blocks of a parameter dict, in network order; raises if any block is missing in between."""
-    names = sorted((k for k in params if _BLOCK.match(k)), key=_block_order)
-    if not names or names[0] != "stage0":
-        raise ValueError(f"no 'stage0' block among {sorted(params)}")
-    stages: dict[int, list[int]] = {}
-    for n in names[1:]:
-        s, i = _block_order(n)
-        stages.setdefault(s, []).append(i)
-    if sorted(stages) != list(range(1, len(stages) + 1)):
-        raise ValueError(f"stages {sorted(stages)} are not consecutive from 1: a block is missing")
-    for s, idx in stages.items():
-        if idx != list(range(len(idx))):
-            raise ValueError(f"stage{s} has blocks {idx}: a block is missing")
-    return names
+def expected_blocks(model: RepOptVGG) -> dict[str, bool]:
+    """`{block: has_identity}` of `model`: what its scale file must hold (`scales.load_scales(path, ...)`)."""
+    return {b.name: b.identity for b in model_block_specs(model)}
 
 
 def extract_scales(hs_params: Mapping[str, Any], model: RepOptVGG | None = None) -> Scales:
-    """Per-block `{'s', 't'[, 'd']}` read from HS/CSLA params (§1.5 read-out), strictly: every block must be
-    present (and, given `model`, exactly its blocks, with `d` exactly where it has an identity branch)."""
-    names = block_names(hs_params)
-    out: Scales = {}
-    for n in names:
-        p = hs_params[n]
-        if "scale_conv" not in p or "scale_1x1" not in p:
-            raise ValueError(f"block {n} has no scale_conv / scale_1x1: not an 'hs' or 'csla' model")
-        out[n] = {"s": np.asarray(p["scale_conv"], np.float32), "t": np.asarray(p["scale_1x1"], np.float32)}
-        if "scale_identity" in p:
-            out[n]["d"] = np.asarray(p["scale_identity"], np.float32)
+    """Per-block `{'s', 't'[, 'd']}` read from HS/CSLA params (§1.5 read-out; `scales.from_params`), strictly:
+    every block must be present (and, given `model`, exactly its blocks, with `d` exactly where it has an
+    identity branch)."""
+    out = scale_files.from_params(hs_params)
     if model is not None:
         _check_blocks(out, model_block_specs(model))
-    return out
-
-
-def scales_from_checkpoint(path: str | pathlib.Path) -> Scales:
-    """Scales of an HS run: `path` is its workdir, its `checkpoints/` or one step's directory (latest step)."""
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).expanduser().resolve()
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if not (path / "state").is_dir():
-        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-        path = path / str(steps[-1])
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(path / "state")["params"]
-    return extract_scales(params)
-
-
-def scales_from_torch(state_dict: Mapping[str, Any], model: RepOptVGG) -> Scales:
-    """Official scale tensors (`stage3.7.scale_identity.weight`, ...; e.g. a released `*-scales.pth` read as
-    numpy) -> scales for `model`. Strict: raises on missing, unexpected or mis-shaped scale keys."""
-    sd = {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state_dict.items()}
-    expected, out = set(), {}
-    for b in model_block_specs(model):
-        names = {"s": "scale_conv", "t": "scale_1x1"} | ({"d": "scale_identity"} if b.identity else {})
-        entry = {}
-        for short, long in names.items():
-            key = f"{b.torch_prefix}.{long}.weight"
-            expected.add(key)
-            if key not in sd:
-                raise ValueError(f"missing scale {key!r} for block {b.name}")
-            entry[short] = sd[key].reshape(-1)
-            if entry[short].shape != (b.out_ch,):
-                raise ValueError(f"{key} has {entry[short].size} values, block {b.name} has {b.out_ch} channels")
-        out[b.name] = entry
-    unexpected = sorted(k for k in sd if ".scale_" in k and k not in expected)
-    if unexpected:
-        raise ValueError(f"unexpected scale keys (another model?): {unexpected[:5]}")
     return out
 
 
@@ -336,37 +271,90 @@ def reinit_target(target_params: Mapping[str, Any], scales: ScalesLike, rng: jax
     return csla_to_target(csla_params_for(target_params, scales, rng, use_identity_scales))
 
 
-def to_deploy(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str, Any]:
-    """Target variables (conv3x3 -> BN, eval statistics) -> the RepVGG deploy layout (`rbr_reparam` conv with
-    bias per block, same block names): RepOpt-VGG and RepVGG then share one deploy architecture."""
+# ----------------------------------------------------------------------------------------------------------
+# The family contract
+
+
+def deploy(model: RepOptVGG | RepVGG) -> RepVGG:
+    """The deploy form of any mode: `RepVGG(deploy=True)` with the same depths, widths and strides."""
+    if isinstance(model, RepVGG):
+        if not model.deploy:
+            raise ValueError("a training-form RepVGG is not a RepOpt-VGG: use the repvgg family")
+        return model
+    return RepVGG(num_blocks=tuple(model.num_blocks), widths=tuple(model.widths), strides=tuple(model.strides),
+                  num_classes=model.num_classes, deploy=True, dtype=model.dtype)
+
+
+def reparameterize(variables: Mapping[str, Any], model: RepOptVGG) -> dict[str, Any]:
+    """hs / csla / target variables (eval statistics) -> `deploy(model)`'s {'params'}: the branches merge into one
+    kernel (`csla_to_target`, exact: they are linear and share the BN), then conv -> BN fuses into a conv with
+    bias. Exact only in eval mode."""
     params, stats = variables["params"], variables["batch_stats"]
+    if model.mode != "target":
+        params = csla_to_target(params)
     out: dict[str, Any] = {"linear": params["linear"]}
     for n in block_names(params):
         bn, st = params[n]["bn"], stats[n]["bn"]
         kernel, bias = fuse_conv_bn(params[n]["conv"]["kernel"], None, bn["scale"], bn["bias"], st["mean"], st["var"],
-                                    eps)
+                                    repvgg.BN_EPS)
         out[n] = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
     return {"params": out}
 
 
-def grad_mults(scales: ScalesLike, target_params: Mapping[str, Any], power: float) -> dict[str, Any]:
-    """Grad Mult tensors (paper Eq. 3) `{block: {'conv': {'kernel': M}}}` for the target's 3x3 kernels
-    (HWIO, per output channel): s^p everywhere, + t^p at the centre, + 1 at the centre diagonal with identity.
-    Only the block kernels get one; BN and head are updated normally."""
-    scales = as_scales(scales)
-    out = {}
-    for n in _target_blocks(target_params, scales):
-        sc = scales[n]
-        shape = tuple(target_params[n]["conv"]["kernel"].shape)
-        out[n] = {"conv": {"kernel": mult_tensor(shape, sc["s"], sc["t"], "d" in sc, power)}}
-    return out
+def macs(model: RepOptVGG | RepVGG, height: int, width: int | None = None) -> int:
+    """Multiply-accumulates of one image in the deploy form (one 3x3 conv per block, the head)."""
+    return repvgg.macs(deploy(model), height, width)
 
 
-def hs_rules(csla: bool = False) -> list[tuple[str, dict]]:
-    """`optim.rules` for HS / CSLA training, as the official `set_weight_decay`: no decay on BN, biases and
-    s, t (frozen with `csla=True`); decay on conv kernels, the head kernel and the identity scale d."""
-    st = {"frozen": True} if csla else {"weight_decay": 0.0}
-    return [(r"(^|/)scale_(conv|1x1)$", st), (NO_DECAY, {"weight_decay": 0.0})]
+def torch_rules(model: RepOptVGG) -> list[tio.Rule]:
+    """Official RepOpt-VGG key <-> repjax leaf rules for `model`'s mode (`stage1.0.conv.weight`, `.bn.*`; in
+    hs/csla also `.conv_1x1.weight` and the per-channel `.scale_conv.weight`, `.scale_1x1.weight`,
+    `.scale_identity.weight`)."""
+    rules: list[tio.Rule] = []
+    for b in model_block_specs(model):
+        t, f = b.torch_prefix, b.name
+        rules += tio.conv(f"{t}.conv", (f, "conv")) + tio.bn(f"{t}.bn", (f, "bn"))
+        if model.mode != "target":
+            rules += tio.conv(f"{t}.conv_1x1", (f, "conv_1x1"))
+            names = ("scale_conv", "scale_1x1") + (("scale_identity",) if b.identity else ())
+            rules += [tio.Rule(f"{t}.{n}.weight", ("params", f, n)) for n in names]
+    return rules + tio.linear("linear", ("linear",))
+
+
+def _input_size(model: RepOptVGG) -> int:
+    return math.prod(model.strides)
+
+
+def from_torch(state_dict: Mapping[str, Any], model: RepOptVGG | RepVGG) -> dict[str, Any]:
+    """Official state_dict -> variables of `model` (strict); a deploy-form file goes through RepVGG's layout."""
+    if isinstance(model, RepVGG):
+        return repvgg.from_torch(state_dict, model)
+    return tio.from_torch_state_dict(state_dict, torch_rules(model), abstract_variables(model, _input_size(model)))
+
+
+def to_torch(variables: Mapping[str, Any], model: RepOptVGG | RepVGG) -> dict[str, np.ndarray]:
+    """repjax variables of `model` -> official state_dict (numpy; `num_batches_tracked` per BN)."""
+    if isinstance(model, RepVGG):
+        return repvgg.to_torch(variables, model)
+    return tio.to_torch_state_dict(variables, torch_rules(model))
+
+
+def infer(state_dict: Mapping[str, Any], model: RepOptVGG) -> RepOptVGG | RepVGG:
+    """`model` in the form a file holds: the RepVGG deploy model (`rbr_reparam` keys), a search model (scale
+    keys: `model`'s mode if it is hs or csla, else 'hs') or the target; with the file's number of classes."""
+    sd = tio.strip_module_prefix(state_dict)
+    if "linear.weight" not in sd:
+        raise ValueError("not a RepOpt-VGG state_dict: no 'linear.weight'")
+    num_classes = int(np.shape(sd["linear.weight"])[0])
+    if repvgg.is_deploy_state_dict(sd):
+        return deploy(model).clone(num_classes=num_classes)
+    searched = any(".scale_conv." in k for k in sd)
+    mode = (model.mode if model.mode != "target" else "hs") if searched else "target"
+    return model.clone(mode=mode, num_classes=num_classes, init_scales=None)  # the file holds the kernels
+
+
+FAMILY = Family("repopt_vgg", RepOptVGG, tiny="repopt_vgg_tiny", macs=macs, from_torch=from_torch,
+                to_torch=to_torch, reparameterize=reparameterize, deploy=deploy, infer=infer)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,10 +373,10 @@ def _make(depths: str, a: float, b: float) -> Callable[..., RepOptVGG]:
 
 
 for _name, _cfg in _CONFIGS.items():
-    MODELS.register(f"repopt_vgg_{_name}", _make(*_cfg))
+    register(f"repopt_vgg_{_name}", FAMILY, input_size=224)(_make(*_cfg))
 
 
-@MODELS.register("repopt_vgg_tiny")
+@register("repopt_vgg_tiny", FAMILY, input_size=8)
 def repopt_vgg_tiny(**kw: Any) -> RepOptVGG:
     """Test-size model: widths 8-16, depths (2, 1, 1), strides (1, 1, 2, 2); covers identity blocks, a stride-2
     block with in == out (no identity) and channel-changing blocks."""
@@ -396,7 +384,7 @@ def repopt_vgg_tiny(**kw: Any) -> RepOptVGG:
                         "num_classes": 10, **kw})
 
 
-@MODELS.register("repopt_vgg_cifar")
+@register("repopt_vgg_cifar", FAMILY, input_size=32)
 def repopt_vgg_cifar(**kw: Any) -> RepOptVGG:
     """CIFAR-scale RepOpt-VGG: widths 32-128, depths (2, 3, 2), strides (1, 1, 2, 2) so 32x32 -> 8x8."""
     return RepOptVGG(**{"num_blocks": (2, 3, 2), "widths": (32, 32, 64, 128), "strides": (1, 1, 2, 2),
@@ -409,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     args = parser.parse_args(argv)
-    scales = scales_from_checkpoint(args.checkpoint)
-    save_scales(args.out, scales)
+    scales = scale_files.from_checkpoint(args.checkpoint)
+    scale_files.save_scales(args.out, scales)
     print(f"{len(scales)} blocks ({sum('d' in v for v in scales.values())} with identity) -> {args.out}")
 
 

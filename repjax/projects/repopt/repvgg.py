@@ -3,7 +3,9 @@
 Training block: ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) [+ BN(x) if in == out and stride 1])), SE only in
 the D2se variant. Deploy block: ReLU(SE(conv3x3 x + b)). `reparameterize` turns eval-mode training
 variables into deploy variables (paper Eq. 3-4); `from_torch` / `to_torch` speak the official PyTorch
-state_dict layout (`stage1.0.rbr_dense.conv.weight`, ..., `stage1.0.rbr_reparam.weight`, `linear.weight`).
+state_dict layout (`stage1.0.rbr_dense.conv.weight`, ..., `stage1.0.rbr_reparam.weight`, `linear.weight`);
+`infer` reads the form off a file; `macs` counts the deploy form (the paper's FLOPs column). All of it is the
+family contract (`repjax.models.family`), registered as `FAMILY`.
 
 Parameter tree (mirrors the official module names): `stage0`, `stage{s}_{i}` (s = 1..4), `linear`; a block
 holds `rbr_dense`/`rbr_1x1` ({conv, bn}) and `rbr_identity` (a BN) in training form, or `rbr_reparam` in
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repjax.io import torch as tio
-from repjax.models import MODELS
+from repjax.models import Family, abstract_variables, register
 from repjax.nn.layers import ConvBN, batch_norm, he_normal, torch_padding
 from repjax.nn.reparam import fuse_conv_bn, identity_kernel, merge_branches
 
@@ -130,7 +132,7 @@ def block_specs(model: RepVGG) -> list[BlockSpec]:
 # Re-parameterization (training variables -> deploy variables)
 
 
-def fuse_block(params: dict[str, Any], stats: dict[str, Any], eps: float = BN_EPS) -> dict[str, jax.Array]:
+def fuse_block(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float = BN_EPS) -> dict[str, jax.Array]:
     """Equivalent {'kernel', 'bias'} of one training-form block's branches (eval-mode BN).
 
     The identity branch's groups follow from the 3x3 kernel: groups = out_channels / kernel.shape[2].
@@ -152,21 +154,40 @@ def fuse_block(params: dict[str, Any], stats: dict[str, Any], eps: float = BN_EP
     return {"kernel": kernel, "bias": bias}
 
 
-def reparameterize(variables: dict[str, Any], eps: float = BN_EPS) -> dict[str, Any]:
-    """Training-form {'params', 'batch_stats'} -> deploy-form {'params'} (pure; jit-able).
+def reparameterize(variables: Mapping[str, Any], model: RepVGG | None = None) -> dict[str, Any]:
+    """Training-form {'params', 'batch_stats'} -> deploy-form {'params'} (pure; jit-able; paper Eq. 3-4).
 
     Exact only for the model in eval mode (running statistics), never for train-mode batch statistics.
+    The blocks are found in the tree itself; `model` (the contract's signature) is not needed.
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
     out: dict[str, Any] = {}
     for name, p in params.items():
         if isinstance(p, Mapping) and "rbr_dense" in p:
-            block = {"rbr_reparam": fuse_block(p, stats[name], eps)}
+            block = {"rbr_reparam": fuse_block(p, stats[name])}
             block.update({k: v for k, v in p.items() if k not in ("rbr_dense", "rbr_1x1", "rbr_identity")})
             out[name] = block
         else:
             out[name] = p
     return {"params": out}
+
+
+def deploy(model: RepVGG) -> RepVGG:
+    """The deploy form (one 3x3 conv with bias per block) of `model`."""
+    return model.clone(deploy=True)
+
+
+def macs(model: RepVGG, height: int, width: int | None = None) -> int:
+    """Multiply-accumulates of one image in the deploy form: one 3x3 (grouped) conv per block, SE's two 1x1
+    convs on the pooled vector, the head."""
+    h, w, total = height, width or height, 0
+    for b in block_specs(model):
+        if b.stride > 1:
+            h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+        total += 9 * (b.in_ch // b.groups) * b.out_ch * h * w
+        if model.use_se:
+            total += 2 * b.out_ch * (b.out_ch // model.se_reduction)
+    return total + model.widths[-1] * model.num_classes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,11 +228,6 @@ def _make(depths: str, a: float, b: float, groups: int, se: bool):
     return factory
 
 
-for _name, _cfg in _CONFIGS.items():
-    MODELS.register(f"repvgg_{_name}", _make(*_cfg))
-
-
-@MODELS.register("repvgg_tiny")
 def repvgg_tiny(**kw: Any) -> RepVGG:
     """CIFAR-scale RepVGG: widths 16-128, depths (1, 2, 2, 1), strides (1, 1, 2, 2, 2) so 32x32 -> 4x4;
     groups 2 on layer 3 (stride 1, with identity) and 4 on layer 4 (stride 2, channel change)."""
@@ -220,7 +236,6 @@ def repvgg_tiny(**kw: Any) -> RepVGG:
     return RepVGG(**{**cfg, **kw})
 
 
-@MODELS.register("repvgg_tiny_se")
 def repvgg_tiny_se(**kw: Any) -> RepVGG:
     """`repvgg_tiny` with SE blocks (reduction 4, since the widths are small)."""
     kw.setdefault("use_se", True)
@@ -249,27 +264,25 @@ def torch_rules(model: RepVGG) -> list[tio.Rule]:
     return rules + tio.linear("linear", ("linear",))
 
 
-def abstract_variables(model: RepVGG) -> dict[str, Any]:
-    """Shapes/dtypes of `model`'s variables (nothing allocated)."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+def to_torch(variables: Mapping[str, Any], model: RepVGG) -> dict[str, np.ndarray]:
+    """repjax variables of `model` (training or deploy form) -> official RepVGG state_dict (numpy arrays, with
+    `num_batches_tracked` per BN so that PyTorch's strict `load_state_dict` accepts it)."""
+    return tio.to_torch_state_dict(variables, torch_rules(model))
 
 
-def to_torch(variables: dict[str, Any], model: RepVGG) -> dict[str, np.ndarray]:
-    """repjax variables of `model` (training or deploy form) -> official RepVGG state_dict (numpy arrays).
-
-    Adds `num_batches_tracked` (int64 0) per BN so that PyTorch's strict `load_state_dict` accepts it.
-    """
-    rules = torch_rules(model)
-    sd = {k: np.array(v) for k, v in tio.to_torch_state_dict(variables, rules).items()}  # writable copies
-    bns = [r.torch_key.removesuffix(".running_mean") for r in rules if r.torch_key.endswith(".running_mean")]
-    return sd | {f"{p}.num_batches_tracked": np.array(0, np.int64) for p in bns}
+def is_deploy_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether an official state_dict holds the deploy form (`rbr_reparam` convs)."""
+    return any(".rbr_reparam." in f".{k}" for k in state_dict)
 
 
-def infer_model(state_dict: dict[str, Any], deploy: bool = False, **kw: Any) -> RepVGG:
-    """Builds the RepVGG whose parameter shapes match an official state_dict.
+def infer_model(state_dict: Mapping[str, Any], deploy: bool | None = None, **kw: Any) -> RepVGG:
+    """Builds the RepVGG whose parameter shapes match an official state_dict (form read off the keys unless
+    `deploy` is given).
 
     Strides are not stored: a stage's first block gets stride 1 if it has an identity branch (training form),
     else 2; override through `kw` (e.g. `strides=` for a deploy-form CIFAR model)."""
+    state_dict = tio.strip_module_prefix(state_dict)
+    deploy = is_deploy_state_dict(state_dict) if deploy is None else deploy
     conv = "rbr_reparam" if deploy else "rbr_dense.conv"
     blocks = {}
     for k, v in state_dict.items():
@@ -298,19 +311,31 @@ def infer_model(state_dict: dict[str, Any], deploy: bool = False, **kw: Any) -> 
     return RepVGG(**{**cfg, **kw})
 
 
-def from_torch(state_dict: Mapping[str, Any], deploy: bool = False, model: RepVGG | None = None) -> dict[str, Any]:
+def infer(state_dict: Mapping[str, Any], model: RepVGG) -> RepVGG:
+    """`model` in the form the state_dict holds, with its number of classes (the architecture stays)."""
+    state_dict = tio.strip_module_prefix(state_dict)
+    if "linear.weight" not in state_dict:
+        raise ValueError("not a RepVGG state_dict: no 'linear.weight'")
+    return model.clone(deploy=is_deploy_state_dict(state_dict),
+                       num_classes=int(np.shape(state_dict["linear.weight"])[0]))
+
+
+def from_torch(state_dict: Mapping[str, Any], model: RepVGG) -> dict[str, Any]:
     """Official RepVGG state_dict (training keys `stage1.0.rbr_dense.conv.weight`, ... or deploy keys
-    `stage1.0.rbr_reparam.weight`) -> repjax variables ({'params', 'batch_stats'}, or {'params'} if deploy).
+    `stage1.0.rbr_reparam.weight`, as `model.deploy` says) -> repjax variables ({'params', 'batch_stats'}, or
+    {'params'} if deploy; numpy).
 
     Strict (`repjax.io.torch.from_torch_state_dict`): raises `WeightImportError` (a ValueError) listing missing
-    and unexpected keys and shape mismatches against `model` (default: `infer_model(state_dict, deploy)`).
+    and unexpected keys and shape mismatches against `model` (`infer` / `infer_model` build one from the file).
     A 'module.' prefix on every key (DataParallel) is stripped; `num_batches_tracked` entries are dropped.
     """
-    sd = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state_dict.items()}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    model = model if model is not None else infer_model(sd, deploy)
-    if model.deploy != deploy:
-        raise ValueError(f"model.deploy={model.deploy} but deploy={deploy}")
-    variables = tio.from_torch_state_dict(sd, torch_rules(model), abstract_variables(model))
-    return jax.tree.map(jnp.asarray, variables)
+    return tio.from_torch_state_dict(state_dict, torch_rules(model), abstract_variables(model, 32))
+
+
+FAMILY = Family("repvgg", RepVGG, tiny="repvgg_tiny", macs=macs, from_torch=from_torch, to_torch=to_torch,
+                reparameterize=reparameterize, deploy=deploy, infer=infer)
+
+for _name, _cfg in _CONFIGS.items():
+    register(f"repvgg_{_name}", FAMILY, input_size=224)(_make(*_cfg))
+register("repvgg_tiny", FAMILY, input_size=32)(repvgg_tiny)
+register("repvgg_tiny_se", FAMILY, input_size=32)(repvgg_tiny_se)

@@ -21,8 +21,9 @@ from jax.sharding import Mesh
 from repjax import data, sharding
 from repjax.data import pipeline
 from repjax.evals import EVALUATORS
+from repjax.losses import softmax_cross_entropy as cross_entropy
 from repjax.projects.repopt import quant
-from repjax.step import cross_entropy, topk_correct
+from repjax.step import topk_correct
 
 
 def _round_up(n: int, mesh: Mesh) -> int:
