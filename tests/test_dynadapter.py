@@ -143,6 +143,18 @@ def test_constant_weights_give_plain_multi_exit_training():
     assert float(m["lambda_1"]) == pytest.approx(1 / 3)  # logged value = the schedule's
 
 
+def test_multi_exit_is_a_registered_loss():
+    from repjax import losses
+
+    outs = [jax.random.normal(jax.random.key(i), (16, 5)) for i in range(3)]
+    loss = losses.get("multi_exit", schedule="linear", total_steps=10)
+    per_example, metrics = loss(outs, {"label": Y, "step": jnp.asarray(5)})
+    mean, ref = multi_exit_loss(outs, {"label": Y}, step=5, schedule="linear", total_steps=10)
+    assert per_example.shape == (16,) and float(jnp.mean(per_example)) == pytest.approx(float(mean), rel=1e-6)
+    assert float(jnp.mean(metrics["lambda_2"])) == pytest.approx(float(ref["lambda_2"]))
+    np.testing.assert_array_equal(loss.logits(outs), outs[-1])
+
+
 # ------------------------------------------------------------------ forward sparsity
 
 

@@ -17,9 +17,12 @@ S; i.e. early exits' weight "gradually declines" while the deepest exit's "progr
 
 No distillation between exits (not mentioned in anything we could read).
 
-`multi_exit_loss(outputs, batch, *, step, ...)` has the shape of a pluggable loss: it receives the model's
-outputs (a list of exit logits) and the batch, and returns `(loss, metrics)`; the metrics log every
-lambda_i(t), per-exit losses and accuracies.
+`multi_exit_loss(outputs, batch, *, step, ...)` returns the batch-mean loss and scalar metrics (every
+lambda_i(t), per-exit losses and accuracies) for custom loops. `multi_exit` is the same loss registered in
+`repjax.losses` (per-example losses and metrics, `logits=` the last exit): `config.loss.name = "multi_exit"`,
+`config.loss.kwargs = dict(schedule=..., total_steps=...)`. The registry hands a loss `(outputs, batch)` only,
+so the step is read from `batch["step"]` when the batch carries it; without it lambda is taken at
+`total_steps` (the end weights), which is exact for `schedule="constant"` and for evaluation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from repjax import losses
 
 SCHEDULES = ("constant", "linear", "cosine")
 NORMALIZE = ("sum_s", "sum_1", "none")
@@ -96,4 +101,28 @@ def multi_exit_loss(outputs: Sequence[jax.Array], batch: dict[str, jax.Array], *
         metrics[f"top1_exit_{i + 1}"] = jnp.mean((jnp.argmax(logits, -1) == hard).astype(jnp.float32))
     metrics["loss"] = total
     metrics["top1"] = metrics[f"top1_exit_{len(outputs)}"]
+    return total, metrics
+
+
+@losses.register("multi_exit", logits=lambda outputs: outputs[-1])
+def multi_exit(outputs: Sequence[jax.Array], batch: dict[str, jax.Array], *, schedule: str = "cosine",
+               total_steps: int = 1, start: Sequence[float] | None = None, end: Sequence[float] | None = None,
+               normalize: str = "sum_s", label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example sum_i lambda_i(step) CE_i for `repjax.losses`; metrics per example: `lambda_i`,
+    `loss_exit_i`, `top1_exit_i` (exits 1-based)."""
+    if not isinstance(outputs, list | tuple) or not outputs:
+        raise ValueError(f"loss 'multi_exit' needs a list of exit logits, got {type(outputs).__name__}")
+    step = batch.get("step", total_steps)
+    lam = exit_weights(step, len(outputs), schedule=schedule, total_steps=total_steps, start=start, end=end,
+                       normalize=normalize)
+    labels = batch["label"]
+    hard = jnp.argmax(labels, -1) if labels.ndim > 1 else labels
+    total = jnp.zeros(labels.shape[:1], jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    for i, logits in enumerate(outputs):
+        ce = _cross_entropy(logits, labels, label_smoothing)
+        total = total + lam[i] * ce
+        metrics[f"lambda_{i + 1}"] = jnp.broadcast_to(lam[i], total.shape)
+        metrics[f"loss_exit_{i + 1}"] = ce
+        metrics[f"top1_exit_{i + 1}"] = (jnp.argmax(logits, -1) == hard).astype(jnp.float32)
     return total, metrics
