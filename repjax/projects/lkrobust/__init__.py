@@ -3,7 +3,8 @@ Robustness", ICML'24): ImageNet-C corruptions and mCE, distribution-shift sets, 
 and structure analyses, each a registered evaluator that runs on any registered model.
 
 Registered here: evaluators `imagenet_c`, `imagenet_a`, `imagenet_r`, `imagenet_o`, `imagenet_9`,
-`imagenet_v2`, `imagenet_sketch`, `adversarial`; data source `corrupt:`.
+`imagenet_v2`, `imagenet_sketch`, `adversarial`, `occlusion`, `frequency_noise`, `frequency_filter`,
+`fourier_heatmap`; data source `corrupt:`.
 """
 
-from repjax.projects.lkrobust import attacks, imagenet_c, shift  # noqa: F401  (they register)
+from repjax.projects.lkrobust import attacks, frequency, imagenet_c, occlusion, shift  # noqa: F401  (they register)
