@@ -4,7 +4,7 @@ and structure analyses, each a registered evaluator that runs on any registered 
 
 Registered here: evaluators `imagenet_c`, `imagenet_a`, `imagenet_r`, `imagenet_o`, `imagenet_9`,
 `imagenet_v2`, `imagenet_sketch`, `adversarial`, `occlusion`, `frequency_noise`, `frequency_filter`,
-`fourier_heatmap`; data source `corrupt:`.
+`fourier_heatmap`, `kernel_attention`, `feature_variance`, `lesion`; data source `corrupt:`.
 """
 
-from repjax.projects.lkrobust import attacks, frequency, imagenet_c, occlusion, shift  # noqa: F401  (they register)
+from repjax.projects.lkrobust import attacks, frequency, imagenet_c, occlusion, shift, structure  # noqa: F401
