@@ -37,11 +37,15 @@ def test_distance_closed_forms():
 
 @pytest.mark.parametrize("name", ["convnext_cifar", "slak_cifar", "pelk_cifar", "replknet_cifar"])
 def test_large_kernels_of_each_family(name):
-    model, variables = _init(name) if name != "replknet_cifar" else _init(name, depths=(1, 1, 1, 1))
-    kernels = S.large_kernels(model, variables["params"])
+    kw = dict(depths=(1, 1, 1, 1)) if name == "replknet_cifar" else {}
+    model = models.create(name, **{**KW, **kw})
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), shapes["params"])  # only shapes matter here
+    kernels = S.large_kernels(model, params)
     assert kernels and all(k.shape[0] == k.shape[1] and k.shape[0] % 2 for k in kernels.values())
+    assert all(np.all(S.attention_distance(k, normalized=True) > 0) for k in kernels.values())
     # centre deltas in the un-merged weights give distance 0 (theta's centre cell is 1x1)
-    params = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, variables["params"]))
+    params = flax.traverse_util.flatten_dict(params)
     for path, v in params.items():
         if path[-1] in ("kernel", "theta") and len(path) > 1 and path[-2] in ("lk", "lk_h", "lk_w", "mixer"):
             z = np.zeros_like(v)

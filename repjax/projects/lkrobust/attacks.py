@@ -65,6 +65,23 @@ def uniform_init(n: int, shape: tuple[int, ...], seed: int, offset: int = 0) -> 
                      for i in range(n)])
 
 
+def _attack_fn(ev: inputs.Evaluated, attack: str, steps: int, random_start: bool) -> Callable:
+    """Jitted `(x, y, eps, alpha[, init]) -> adversarial predictions`, eps / alpha traced (one compile per
+    attack setting, reused across eps), cached on `ev`."""
+    cache = ev.__dict__.setdefault("_attacks", {})
+    key = (attack, steps, random_start)
+    if key not in cache:
+        if attack == "fgsm":
+            def run(x, y, eps, alpha):
+                return jnp.argmax(ev.fn(fgsm(ev.fn, x, y, eps[0])), -1)
+        else:
+            def run(x, y, eps, alpha, init):
+                adv = pgd(ev.fn, x, y, eps[0], alpha[0], steps, init if random_start else None)
+                return jnp.argmax(ev.fn(adv), -1)
+        cache[key] = jax.jit(run)
+    return cache[key]
+
+
 def attack_accuracy(ev: inputs.Evaluated, x01: np.ndarray, labels: np.ndarray, attack: str, eps: float, *,
                     steps: int = 5, step_size: float | None = None, rel_step: float = 0.25,
                     random_start: bool = True, seed: int = 0) -> dict[str, float]:
@@ -74,16 +91,11 @@ def attack_accuracy(ev: inputs.Evaluated, x01: np.ndarray, labels: np.ndarray, a
     alpha = step_size if step_size is not None else rel_step * eps
     labels = np.asarray(labels, np.int32)
 
-    if attack == "fgsm":
-        def run(x, y):
-            return jnp.argmax(ev.fn(fgsm(ev.fn, x, y, eps)), -1)
-        arrays = [x01, labels]
-    else:
-        def run(x, y, init):
-            return jnp.argmax(ev.fn(pgd(ev.fn, x, y, eps, alpha, steps, init if random_start else None)), -1)
-        arrays = [x01, labels, uniform_init(len(x01), x01.shape[1:], seed) if random_start
-                  else np.zeros_like(x01)]
-    pred = inputs.run_batched(jax.jit(run), arrays, ev.batch_size, ev.mesh)
+    n = len(x01)
+    arrays = [x01, labels, np.full(n, eps, np.float32), np.full(n, alpha, np.float32)]
+    if attack == "pgd":
+        arrays.append(uniform_init(n, x01.shape[1:], seed) if random_start else np.zeros_like(x01))
+    pred = inputs.run_batched(_attack_fn(ev, attack, steps, random_start), arrays, ev.batch_size, ev.mesh)
     clean = ev.predict(x01) == labels
     wrong = pred != labels
     return {"top1": float(np.mean(~wrong)), "success": float(np.mean(wrong)),
