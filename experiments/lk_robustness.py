@@ -147,7 +147,7 @@ def summary_plots(out: pathlib.Path, results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="6 steps, 40 images, 3 corruptions at severity 3, kernel sweep 3 and 31 only")
+                   help="6 steps of batch 16, 40 images, 3 corruptions at severity 3, kernel sweep 3 and 31 only")
     p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--image_size", type=int, default=64)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{IMAGENETTE} not found (the shared Imagenette ImageFolder beside the checkout)")
     import_all()
     if args.quick:
-        args.images = min(args.images, 40)
+        args.images, args.batch = min(args.images, 40), min(args.batch, 16)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = 6 if args.quick else int(args.epochs * 9469 / args.batch)

@@ -200,7 +200,8 @@ def ce_metrics(errors: Mapping[str, Mapping[int, float]], clean_error: float, ba
         e = float(np.mean(list(per.values())))
         out[f"ce/{c}"] = e / base[c]
         if base_clean is not None:
-            out[f"rel_ce/{c}"] = (e - clean_error) / (base[c] - base_clean)
+            gap = base[c] - base_clean  # 0: the baseline is not hurt by c at all, relative CE undefined (nan)
+            out[f"rel_ce/{c}"] = (e - clean_error) / gap if gap != 0 else float("nan")
     out["mce"] = float(np.mean([out[f"ce/{c}"] for c in errors]))
     if base_clean is not None:
         out["relative_mce"] = float(np.mean([out[f"rel_ce/{c}"] for c in errors]))
