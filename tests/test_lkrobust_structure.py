@@ -61,7 +61,7 @@ def setup():
     config.data.source, config.data.eval_split = "synthetic:32x32x3,12,3", "test"
     config.data.eval_pp = "normalize(imagenet)"
     config.eval_batch_size = 12
-    model, variables = _init("convnext_cifar")
+    model, variables = _init("convnext_cifar", dims=(8, 16, 16, 32))
     return config, model, variables, sharding.make_mesh(config.mesh)
 
 
