@@ -17,13 +17,14 @@ The rule (what a new paper follows):
 | `repopt` | RepVGG and RepOptimizers (Ding et al., ICLR'23): RepVGG, RepOpt-VGG, Grad Mult, scale files, int8 PTQ |
 | `repmlp` | RepMLPNet (Ding et al., CVPR'22): RepMLP block, Locality Injection of whole networks |
 | `pelk` | PeLK (Chen et al., CVPR'24) and the large-kernel family: peripheral conv, ConvNeXt, SLaK, RepLKNet |
+| `lkrobust` | LK robustness (Chen et al., ICML'24): ImageNet-C/A/R/O/9, attacks, occlusion, frequency, structure |
 """
 
 from __future__ import annotations
 
 import importlib
 
-PROJECTS = ("repopt", "repmlp", "pelk")
+PROJECTS = ("repopt", "repmlp", "pelk", "lkrobust")
 
 
 def import_all() -> None:
