@@ -57,7 +57,7 @@ from repjax.step import init_state, make_train_step  # noqa: E402
 
 OUT = REPO / "experiments" / "results" / "bench_models"
 B0 = dict(num_blocks=(4, 6, 16, 1), widths=(64, 64, 128, 256, 1280))  # RepVGG-B0 (a=1, b=2.5)
-TINY_VGG = dict(num_blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16, 32))
+TINY_VGG = dict(num_blocks=(1, 1), widths=(8, 8, 16), strides=(2, 2, 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,8 +339,10 @@ def pairs(results: list[dict]) -> list[dict]:
     out = []
     for g in sorted({r["group"] for r in results if r["group"]}):
         rs = [r for r in results if r["group"] == g]
-        rep = next(r for r in rs if r["optimizer"] == "repopt_sgd")
-        vgg = next(r for r in rs if r["optimizer"] != "repopt_sgd")
+        rep = next((r for r in rs if r["optimizer"] == "repopt_sgd"), None)
+        vgg = next((r for r in rs if r["optimizer"] != "repopt_sgd"), None)
+        if rep is None or vgg is None:  # --only kept one side of the pair
+            continue
         out.append({"group": g, "repjax_repopt_over_repvgg": rep["repjax_train_img_s"] / vgg["repjax_train_img_s"],
                     "torch_repopt_over_repvgg": rep["torch_train_img_s"] / vgg["torch_train_img_s"],
                     "repjax_peak_mb": {"repopt": rep["repjax_train_peak_mb"], "repvgg": vgg["repjax_train_peak_mb"]},
