@@ -66,9 +66,41 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (jnp.sum(higher, axis=-1) < k).astype(jnp.float32)
 
 
+def trainable_grad(fn: Callable, params: Any, trainable: Any | None, has_aux: bool = False) -> Callable:
+    """`jax.value_and_grad(fn, has_aux)(params)` computing gradients of the `trainable` leaves only.
+
+    `trainable` is a bool tree like `params` (`repjax.optim.trainable_mask`) or None (all). The frozen leaves
+    enter `fn` as constants, so their weight gradients are never computed (activation gradients through
+    frozen layers still are, where an earlier trainable leaf needs them); their entries in the returned
+    gradient tree are zeros, which the optimizer's frozen groups (`optax.set_to_zero`) ignore.
+    """
+    if trainable is None:
+        return jax.value_and_grad(fn, has_aux=has_aux)(params)
+    leaves, treedef = jax.tree.flatten(params)
+    mask = treedef.flatten_up_to(trainable)
+    chosen = [i for i, m in enumerate(mask) if m]
+
+    def on_trainable(subset):
+        full = list(leaves)
+        for i, leaf in zip(chosen, subset):
+            full[i] = leaf
+        return fn(treedef.unflatten(full))
+
+    value, sub_grads = jax.value_and_grad(on_trainable, has_aux=has_aux)([leaves[i] for i in chosen])
+    grads = [jnp.zeros_like(leaf) for leaf in leaves]
+    for i, g in zip(chosen, sub_grads):
+        grads[i] = g
+    return value, treedef.unflatten(grads)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
-    """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch."""
+                    label_smoothing: float = 0.0, ema_decay: float = 0.0, trainable: Any | None = None
+                    ) -> Callable:
+    """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch.
+
+    `trainable` (a bool tree like the params, from the optimizer's rules) restricts differentiation to the
+    trainable leaves (`trainable_grad`); None differentiates every parameter.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -80,7 +112,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
             return loss, (logits, updated.get("batch_stats", {}))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, batch_stats)), grads = trainable_grad(loss_fn, state.params, trainable, has_aux=True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

@@ -67,7 +67,8 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.loss.label_smoothing, config.ema_decay),
+        make_train_step(model, tx, schedule, config.loss.label_smoothing, config.ema_decay,
+                        trainable=built.trainable),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -491,7 +491,7 @@ def merge_petl(variables: Mapping[str, Any], model: ViT) -> dict[str, Any]:
                 out[(blk, *layer, "kernel")] = w + cfg.scale * (a @ (b @ w))
                 out[(blk, *layer, "bias")] = c + cfg.scale * ((a_bias @ b + b_bias) @ w)
     if cfg.kind == "ssf":
-        for path in [p for p in flat if p[-2] in _SSF_TARGETS]:
+        for path in [p for p in flat if len(p) >= 2 and p[-2] in _SSF_TARGETS]:
             if path[-1] != "scale":
                 continue
             prefix, target = path[:-2], _SSF_TARGETS[path[-2]]
