@@ -1,7 +1,7 @@
 """What differentiating only the trainable subtree saves: PETL training step, frozen backbone, side by side.
 
-    python experiments/bench_frozen.py [--quick] [--model vit_imagenette] [--batch 64] [--hosts adapter,lora]
-                                       [--steps 10] [--rounds 3] [--out experiments/results/bench_frozen.json]
+    PYTHONPATH=. python experiments/bench_frozen.py [--quick] [--model vit_imagenette] [--batch 64]
+        [--hosts adapter,lora] [--steps 10] [--rounds 3] [--out experiments/results/bench_frozen.json]
 
 Both steps use the same optimizer with the backbone frozen by `optim.rules` (no update, no optimizer state);
 `full` differentiates every parameter (the frozen leaves' gradients are computed, then discarded by
