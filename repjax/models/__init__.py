@@ -22,7 +22,7 @@ MODELS = Registry("model")
 VARIANTS = Registry("model")  # name -> Variant (family and default input size)
 
 # Generic families (used by several papers). Paper-specific families live in `repjax.projects`.
-_MODEL_MODULES = ("resnet_cifar", "small_cnn")
+_MODEL_MODULES = ("resnet_cifar", "small_cnn", "vit")
 
 
 def _import_all() -> None:
