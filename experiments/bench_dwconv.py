@@ -78,33 +78,36 @@ def _sliced(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     return x[:sn, ..., :sc], g[:sn, ..., :sc], w[..., :sc], {"n": sn, "c": sc, "scale": row["n"] * row["c"] / (sn * sc)}
 
 
-def torch_times(quick: bool, repeats: int) -> dict[str, float]:
+def torch_times(quick: bool, repeats: int, device: str = "cpu") -> dict[str, float]:
     """PyTorch ms per shape, run in a child process that never starts XLA (its CPU threads would compete)."""
-    cmd = [sys.executable, __file__, "--torch-child", "--repeats", str(repeats)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--torch-child", "--repeats", str(repeats), "--torch-device", device]
+    cmd += ["--quick"] if quick else []
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
-def _torch_child(quick: bool, repeats: int) -> None:
+def _torch_child(quick: bool, repeats: int, device: str) -> None:
     out = {}
     for row in shapes(quick):
         xs, gs, ws, sl = _sliced(row)
         reps = max(1, repeats - 1) if sl["scale"] > 1 else repeats
-        out[row["name"]] = 1e3 * sl["scale"] * _torch_time(xs, ws, gs, reps)
+        out[row["name"]] = 1e3 * sl["scale"] * _torch_time(xs, ws, gs, reps, device)
     print(json.dumps(out))
 
 
-def _torch_time(x, k, g, repeats) -> float:
+def _torch_time(x, k, g, repeats, device: str = "cpu") -> float:
     import torch
 
     torch.set_num_threads(THREADS)
-    tx = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
-    tk = torch.tensor(k.transpose(3, 2, 0, 1).copy(), requires_grad=True)
-    tg = torch.tensor(g.transpose(0, 3, 1, 2).copy())
+    tx = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True, device=device)
+    tk = torch.tensor(k.transpose(3, 2, 0, 1).copy(), requires_grad=True, device=device)
+    tg = torch.tensor(g.transpose(0, 3, 1, 2).copy(), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
         tx.grad = tk.grad = None
         y = torch.nn.functional.conv2d(tx, tk, padding=(k.shape[0] // 2, k.shape[1] // 2), groups=tk.shape[0])
         (y * tg).sum().backward()
+        sync()
         return tx.grad
 
     ts = []
@@ -191,13 +194,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds), for smoke tests")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine (experiments/bench_gpu.sh)")
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     if args.torch_child:
-        return _torch_child(args.quick, repeats)
+        return _torch_child(args.quick, repeats, args.torch_device)
     t0 = time.time()
-    torch_ms = torch_times(args.quick, repeats)
+    torch_ms = torch_times(args.quick, repeats, args.torch_device)
     print(f"torch done in {time.time() - t0:.0f} s", flush=True)
     results = []
     for row in shapes(args.quick):
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         results += rows
         print("\n".join(table(rows).splitlines()[1:]), flush=True)
     report = {"backend": jax.default_backend(), "threads": THREADS, "quick": args.quick,
+              "torch_device": args.torch_device,
               "command": "python experiments/bench_dwconv.py" + (" --quick" if args.quick else ""),
               "units": "ms per fwd+bwd of the full batch (best of repeats)", "seconds": time.time() - t0,
               "results": results}

@@ -29,6 +29,7 @@ class Built(NamedTuple):
     make_state: Callable[[], TrainState]  # jit with out_shardings=state_sharding to initialise in place
     state_sharding: Any
     abstract_state: Any  # ShapeDtypeStructs carrying the shardings (what checkpoints restore onto)
+    trainable: Any = None  # bool tree like the params when optim.rules freeze some (gradients of those only)
 
 
 def example_shape(source: Any, pp: str) -> tuple[int, ...]:
@@ -58,7 +59,9 @@ def build(config, num_classes: int, image_shape: tuple[int, ...], mesh: Mesh) ->
     abstract = jax.eval_shape(make_state)
     state_sharding = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    return Built(model, tx, schedule, make_state, state_sharding, abstract)
+    rules = [tuple(r) for r in config.optim.rules]
+    trainable = optim.trainable_mask(abstract_params, rules) if any(s.get("frozen") for _, s in rules) else None
+    return Built(model, tx, schedule, make_state, state_sharding, abstract, trainable)
 
 
 def load_init(config, state: TrainState, state_sharding: Any) -> TrainState:

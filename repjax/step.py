@@ -59,10 +59,42 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (jnp.sum(higher, axis=-1) < k).astype(jnp.float32)
 
 
+def trainable_grad(fn: Callable, params: Any, trainable: Any | None, has_aux: bool = False) -> Callable:
+    """`jax.value_and_grad(fn, has_aux)(params)` computing gradients of the `trainable` leaves only.
+
+    `trainable` is a bool tree like `params` (`repjax.optim.trainable_mask`) or None (all). The frozen leaves
+    enter `fn` as constants, so their weight gradients are never computed (activation gradients through
+    frozen layers still are, where an earlier trainable leaf needs them); their entries in the returned
+    gradient tree are zeros, which the optimizer's frozen groups (`optax.set_to_zero`) ignore.
+    """
+    if trainable is None:
+        return jax.value_and_grad(fn, has_aux=has_aux)(params)
+    leaves, treedef = jax.tree.flatten(params)
+    mask = treedef.flatten_up_to(trainable)
+    chosen = [i for i, m in enumerate(mask) if m]
+
+    def on_trainable(subset):
+        full = list(leaves)
+        for i, leaf in zip(chosen, subset):
+            full[i] = leaf
+        return fn(treedef.unflatten(full))
+
+    value, sub_grads = jax.value_and_grad(on_trainable, has_aux=has_aux)([leaves[i] for i in chosen])
+    grads = [jnp.zeros_like(leaf) for leaf in leaves]
+    for i, g in zip(chosen, sub_grads):
+        grads[i] = g
+    return value, treedef.unflatten(grads)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss: losses.Loss | None = None, ema_decay: float = 0.0) -> Callable:
+                    loss: losses.Loss | None = None, ema_decay: float = 0.0, trainable: Any | None = None
+                    ) -> Callable:
     """`(state, batch) -> (state, metrics)`: one optimizer step on a global batch, minimizing the mean of
-    `loss` (default: `softmax_xent` without label smoothing); the loss's own metrics are logged as means."""
+    `loss` (default: `softmax_xent` without label smoothing); the loss's own metrics are logged as means.
+
+    `trainable` (a bool tree like the params, from the optimizer's rules) restricts differentiation to the
+    trainable leaves (`trainable_grad`); None differentiates every parameter.
+    """
     loss = loss or losses.get()
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -75,7 +107,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             per_example, extra = loss(outputs, batch)
             return jnp.mean(per_example), (loss.logits(outputs), extra, updated.get("batch_stats", {}))
 
-        (value, (logits, extra, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, (logits, extra, batch_stats)), grads = trainable_grad(loss_fn, state.params, trainable, has_aux=True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

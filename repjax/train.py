@@ -116,7 +116,8 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
 
     # ---------------------------------------------------------------- Update step
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, losses.from_config(config.loss), config.ema_decay),
+        make_train_step(model, tx, schedule, losses.from_config(config.loss), config.ema_decay,
+                        trainable=built.trainable),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -34,3 +34,28 @@ def test_runners_on_a_tiny_model():
     assert bench.inference_runner(model, variables, batch=4, image_shape=(8, 8, 3), iters=2)() > 0
     with pytest.raises(KeyError):
         bench.interleaved({"a": lambda: 1.0}, rounds=1)["b"]
+
+
+@pytest.mark.slow
+def test_bench_models_quick_writes_rows(tmp_path, monkeypatch):
+    """experiments/bench_models.py --quick on its smallest row (RepOpt-VGG target + RepOpt-SGD, two blocks, widths
+    8-16, batch 4 at 16 px, PyTorch reference included): the results.json layout only."""
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", module)  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--only", "repopt_vgg tiny-arch", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    keys = {"model", "repjax_train_img_s", "torch_train_img_s", "train_ratio", "repjax_infer_img_s",
+            "torch_infer_img_s", "infer_ratio", "repjax_train_peak_mb", "torch_train_peak_mb", "params"}
+    assert [r["model"] for r in report["rows"]] == ["repopt_vgg tiny-arch target (pair)"]
+    for row in report["rows"]:
+        assert keys <= set(row) and row["params"] == row["torch_params"]
+        assert row["train_ratio"] > 0 and row["infer_ratio"] > 0 and row["torch_train_peak_mb"] > 0
+    assert report["repopt_over_repvgg"] == [] and (tmp_path / "ratios.png").exists()  # one side of the pair only

@@ -15,9 +15,10 @@ def test_eval_of_checkpoint_matches_training_summary(tmp_path):
     assert metrics["step"] == 10
     assert metrics["top1"] == pytest.approx(result["test/top1"], abs=1e-9)
     assert metrics["examples"] == metrics["count"] == 300
-    # The family's analytic MACs of the 8x8x1 digits model; XLA's count adds BN, ReLU, pooling (2 FLOPs a MAC).
+    # The family's analytic MACs of the 8x8x1 digits model. XLA's count (2 FLOPs a MAC) skips the taps on zero
+    # padding (a quarter of them on these 8x8 and 4x4 maps) and adds BN, ReLU and pooling.
     assert metrics["macs_analytic"] == small_cnn.macs(small_cnn.small_cnn(), 8, 8, in_channels=1)
-    assert metrics["macs_analytic"] < metrics["xla_flops_reference"] / 2 < 1.1 * metrics["macs_analytic"]
+    assert 0.5 * metrics["macs_analytic"] < metrics["xla_flops_reference"] / 2 < metrics["macs_analytic"]
 
 
 def test_eval_without_weights_or_checkpoint_fails(tmp_path):

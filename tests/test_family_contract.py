@@ -160,3 +160,18 @@ def test_every_variant_names_a_family_and_load_errors_are_clear(tmp_path):
         io.load_variables(tmp_path / "w.npz", "small_cnn")
     with pytest.raises(KeyError, match="Unknown model 'resnet21'"):
         io.load_variables(tmp_path / "w.npz", "resnet21")
+
+
+def test_load_init_refuses_deploy_weights_for_a_training_config(tmp_path):
+    """`config.init.path` holding the deploy form while the config builds the training form: a clear error."""
+    from repjax import build, config as config_lib
+
+    family = models.variant("repvgg_tiny").family
+    model = models.create("repvgg_tiny")
+    variables = _randomize(_abstract(model, jnp.zeros((1, 32, 32, 3))))
+    deploy = family.deploy(model)
+    tio.save_state_dict(tmp_path / "deploy.npz", family.to_torch(family.reparameterize(variables, model), deploy))
+    config = config_lib.defaults()
+    config.model.name, config.init.path = "repvgg_tiny", str(tmp_path / "deploy.npz")
+    with pytest.raises(ValueError, match=r"holds the deploy form of 'repvgg_tiny'.*kwargs\.deploy=True"):
+        build.load_init(config, None, None)

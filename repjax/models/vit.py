@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repjax.io import IMPORTERS, torch as tio
-from repjax.models import MODELS, Family, abstract_variables, register
+from repjax.io import torch as tio
+from repjax.models import Family, abstract_variables, register
 from repjax.nn import petl as petl_lib
 from repjax.nn.layers import Dtype
 from repjax.nn.petl import PetlConfig
@@ -491,7 +491,7 @@ def merge_petl(variables: Mapping[str, Any], model: ViT) -> dict[str, Any]:
                 out[(blk, *layer, "kernel")] = w + cfg.scale * (a @ (b @ w))
                 out[(blk, *layer, "bias")] = c + cfg.scale * ((a_bias @ b + b_bias) @ w)
     if cfg.kind == "ssf":
-        for path in [p for p in flat if p[-2] in _SSF_TARGETS]:
+        for path in [p for p in flat if len(p) >= 2 and p[-2] in _SSF_TARGETS]:
             if path[-1] != "scale":
                 continue
             prefix, target = path[:-2], _SSF_TARGETS[path[-2]]
@@ -741,16 +741,3 @@ register("vit_test", FAMILY, input_size=16)(
 # (64 patch tokens + class token); exits after blocks 3/6/9/12 possible.
 register("vit_imagenette", FAMILY, input_size=64)(
     _variant(image_size=64, patch_size=8, width=192, depth=12, num_heads=3, num_classes=10))
-
-
-def _importer(name: str):
-    def load(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        model = MODELS.get(name)()
-        return from_torch(state_dict, infer(state_dict, model).clone(image_size=model.image_size))
-
-    return load
-
-
-for _name in MODELS.names():
-    if _name.startswith("vit_"):
-        IMPORTERS.register(_name, _importer(_name))

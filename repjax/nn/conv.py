@@ -29,6 +29,11 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CHUNK_ELEMENTS = 2**17  # input elements per batch chunk (512 KiB of float32): measured best on XLA:CPU
 
 
+def pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """`k` -> `(k, k)`; a pair passes through as ints (kernel sizes, strides). Re-exported by `repjax.nn.layers`."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, groups: int) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS,
                                     feature_group_count=groups)
@@ -124,7 +129,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        strides = pair(self.strides)
         padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
         groups = self.feature_group_count
         if x.shape[-1] % groups or self.features % groups:

@@ -14,17 +14,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from repjax.nn.conv import Conv
+from repjax.nn.conv import Conv, pair
+
+__all__ = ["BatchNorm", "ConvBN", "Dtype", "Size", "batch_norm", "he_normal", "pair", "torch_padding"]
 
 Dtype = Any
 Size = int | tuple[int, int]
 
 # Kaiming/He normal, fan_in, untruncated: torch.nn.init.kaiming_normal_ defaults (relu gain sqrt(2)).
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def pair(size: Size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def torch_padding(kernel_size: Size) -> tuple[tuple[int, int], tuple[int, int]]:

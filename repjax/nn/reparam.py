@@ -20,12 +20,10 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from repjax.nn.conv import pair
+
 Array = jnp.ndarray
 Size = int | tuple[int, int]
-
-
-def _hw(size: Size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def fuse_conv_bn(kernel: Array, bias: Array | None, scale: Array, bn_bias: Array, mean: Array, var: Array,
@@ -51,7 +49,7 @@ def pad_kernel(kernel: Array, size: Size) -> Array:
     `size` is an int (square) or (height, width); each target dim must exceed the kernel's by an even amount.
     """
     kh, kw = kernel.shape[:2]
-    th, tw = _hw(size)
+    th, tw = pair(size)
     dh, dw = th - kh, tw - kw
     if dh < 0 or dw < 0 or dh % 2 or dw % 2:
         raise ValueError(f"cannot centre a {kh}x{kw} kernel in {th}x{tw}: the size difference must be even and >= 0")
@@ -64,7 +62,7 @@ def identity_kernel(channels: int, size: Size = 3, groups: int = 1, dtype=jnp.fl
 
     With `groups == channels` this is the depthwise identity [kh, kw, 1, C].
     """
-    kh, kw = _hw(size)
+    kh, kw = pair(size)
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"identity kernel needs odd sizes, got {kh}x{kw}")
     if channels % groups:

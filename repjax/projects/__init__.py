@@ -17,6 +17,7 @@ The rule (what a new paper follows):
 | `repopt` | RepVGG and RepOptimizers (Ding et al., ICLR'23): RepVGG, RepOpt-VGG, Grad Mult, scale files, int8 PTQ |
 | `repmlp` | RepMLPNet (Ding et al., CVPR'22): RepMLP block, Locality Injection of whole networks |
 | `pelk` | PeLK (Chen et al., CVPR'24) and the large-kernel family: peripheral conv, ConvNeXt, SLaK, RepLKNet |
+| `lkrobust` | LK robustness (Chen et al., ICML'24): ImageNet-C/A/R/O/9, attacks, occlusion, frequency, structure |
 | `dynadapter` | Dyn-Adapter (Zhang et al., ECCV'24): exits, multi-exit loss, bidirectional sparsity, early exit |
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 
-PROJECTS = ("repopt", "repmlp", "pelk", "dynadapter")
+PROJECTS = ("repopt", "repmlp", "pelk", "lkrobust", "dynadapter")
 
 
 def import_all() -> None:
