@@ -78,6 +78,8 @@ def test_reparameterize_equals_training_form(family):
     if not family.has_deploy_form:
         pytest.skip(f"{family.name} has one form")
     model, x = _setup(family)
+    if family.is_deploy(model):  # ViT: two forms only with a mergeable PETL host (tests/test_petl.py)
+        pytest.skip(f"{family.tiny} is already in deploy form")
     deploy = family.deploy(model)
     assert family.is_deploy(deploy) and not family.is_deploy(model)
     variables = _randomize(_abstract(model, x))

@@ -717,8 +717,14 @@ def to_torch(variables: Mapping[str, Any], model: ViT) -> dict[str, np.ndarray]:
     return tio.to_torch_state_dict(variables, timm_rules(model))
 
 
+def infer_at_size(state_dict: Mapping[str, Any], model: ViT) -> ViT:
+    """`infer`, keeping the requested model's input size: a checkpoint of another grid is loaded with its
+    position embeddings resampled (what `repjax.io.load_model` and `config.init.path` use)."""
+    return infer(state_dict, model).clone(image_size=model.image_size)
+
+
 FAMILY = Family("vit", ViT, tiny="vit_test", macs=macs, from_torch=from_torch, to_torch=to_torch,
-                reparameterize=merge_petl, deploy=deploy, infer=infer)
+                reparameterize=merge_petl, deploy=deploy, infer=infer_at_size)
 
 
 def _variant(**arch):
