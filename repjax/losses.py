@@ -7,7 +7,8 @@ A loss is a function registered with `@register(name, logits=...)`:
 - `outputs`: what `model.apply(..., train=...)` returned: an array of logits [N, classes], or for a multi-exit
   model (Dyn-Adapter) a list / dict of exit logits.
 - `batch`: the global batch (`image`, `label` as class ids [N] or probability vectors [N, classes] after mixup,
-  and `mask` [N] in evaluation; the loss never needs to apply `mask` itself).
+  and `mask` [N] in evaluation; the loss never needs to apply `mask` itself); in training also `step` (the
+  optimizer step, a scalar) for losses whose weights follow a schedule (Dyn-Adapter's lambda_i(t)).
 - `loss`: per-example losses [N] (float32). The train step optimizes their mean; the eval step sums them over
   the unmasked rows.
 - `metrics`: `{name: per-example values [N]}` logged beside the loss (train: mean, eval: masked sum), e.g. the

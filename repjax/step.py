@@ -104,7 +104,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             outputs, updated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            per_example, extra = loss(outputs, batch)
+            per_example, extra = loss(outputs, {**batch, "step": state.step})  # step: for scheduled losses
             return jnp.mean(per_example), (loss.logits(outputs), extra, updated.get("batch_stats", {}))
 
         (value, (logits, extra, batch_stats)), grads = trainable_grad(loss_fn, state.params, trainable, has_aux=True)
