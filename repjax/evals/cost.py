@@ -79,11 +79,17 @@ def traced_macs(model: nn.Module, variables: dict[str, Any], image_shape: tuple[
     """Multiply-accumulates of the convolutions and matrix products in the traced forward pass of one image
     (eval mode, depthwise convs with the reference algorithm), padding taps included as the papers count them:
     an independent count of what `Family.macs` computes analytically (XLA's count leaves out taps that fall
-    on padding and adds elementwise work)."""
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    with dwconv.forced_method(REFERENCE_METHOD):
-        closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    return _jaxpr_macs(closed.jaxpr)
+    on padding and adds elementwise work). Counted as the marginal cost of one more image (batch 2 minus batch
+    1), so work that does not depend on the input (PeLK's kernel-wise PE, computed on the weights once per
+    call) is left out, as the papers' per-image FLOPs leave it out."""
+
+    def count(batch: int) -> int:
+        x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+        with dwconv.forced_method(REFERENCE_METHOD):
+            closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+        return _jaxpr_macs(closed.jaxpr)
+
+    return count(2) - count(1)
 
 
 def analytic_macs(model: nn.Module, image_shape: tuple[int, ...]) -> int | None:

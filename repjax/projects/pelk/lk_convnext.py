@@ -141,7 +141,10 @@ class LKConvNeXt(nn.Module):
 
 
 def deploy(model: LKConvNeXt) -> LKConvNeXt:
-    """The deploy-form module of `model` (ConvNeXt's plain conv mixer has one form: the same module)."""
+    """The deploy-form module of `model`; plain ConvNeXt (dense mixer, no BN, no small kernel) has one form and
+    is returned unchanged, so its weight files, which cannot tell the forms apart, infer back to it."""
+    if model.mixer == "dense" and not model.use_bn and model.small_kernel is None:
+        return model
     return model.clone(deploy=True)
 
 
