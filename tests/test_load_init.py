@@ -25,11 +25,15 @@ def variables():
 
 @pytest.fixture
 def weights(monkeypatch, variables):
-    """`io.load_variables` serving `variables` (importers themselves are tested in test_io_torch.py; here only
-    what load_init does with their output)."""
-    from repjax import io
+    """`io.load_model` serving `variables` (importers themselves are tested in test_io_torch.py and the family
+    contract test; here only what load_init does with their output)."""
+    from repjax import io, models
 
-    monkeypatch.setattr(io, "load_variables", lambda p, name, fmt="auto": variables if p == PATH else None)
+    def load_model(p, name, fmt="auto", **kw):
+        assert p == PATH
+        return models.create(name, num_classes=10, **kw), variables
+
+    monkeypatch.setattr(io, "load_model", load_model)
     return PATH, variables
 
 

@@ -138,7 +138,7 @@ class CorruptedSource:
 
 
 @SOURCES.register("corrupt")
-def corrupt_source(arg: str | None, split: str) -> CorruptedSource:
+def corrupt_source(arg: str | None, split: str, options: data.SourceOptions | None = None) -> CorruptedSource:
     form = "'corrupt:<corruption>/<severity>[/<seed>]:<base spec>', e.g. 'corrupt:fog/3:folder:../data/x'"
     if not arg or ":" not in arg:
         raise ValueError(f"Data source 'corrupt' needs {form}")
@@ -146,7 +146,7 @@ def corrupt_source(arg: str | None, split: str) -> CorruptedSource:
     parts = what.split("/")
     if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts[1:]):
         raise ValueError(f"Data source 'corrupt:{arg}': expected {form}")
-    return CorruptedSource(data.get_source(base, split), parts[0].strip(), int(parts[1]),
+    return CorruptedSource(data.get_source(base, split, options), parts[0].strip(), int(parts[1]),
                            int(parts[2]) if len(parts) == 3 else 0, key=f"{base}|{split}")
 
 
