@@ -338,15 +338,11 @@ def infer(state_dict: Mapping[str, Any], model: LKConvNeXt) -> LKConvNeXt:
     return model.clone(**classes, **({"deploy": form == "deploy"} if kind != "convnext" else {}))
 
 
-def _numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state_dict.items()}
-
-
 def from_torch(state_dict: Mapping[str, Any], model: LKConvNeXt) -> dict[str, Any]:
     """A facebook / timm ConvNeXt or SLaK state_dict (layout from its keys) -> `model`'s variables, strictly:
     a `WeightImportError` lists every missing, unexpected and mis-shaped key (`num_batches_tracked` dropped).
     `model` must be in the state_dict's form (`infer(state_dict, model)` gives it)."""
-    sd = _numpy(state_dict)
+    sd = tio.numpy_state_dict(state_dict)
     layout, _ = detect_layout(sd)
     if infer(sd, model).deploy != model.deploy:
         raise ValueError(f"model.deploy={model.deploy} but the state_dict is in the other form: use "
@@ -358,10 +354,7 @@ def from_torch(state_dict: Mapping[str, Any], model: LKConvNeXt) -> dict[str, An
 def to_torch(variables: Mapping[str, Any], model: LKConvNeXt, layout: str | None = None) -> dict[str, np.ndarray]:
     """`model`'s variables -> a state_dict in `layout` (default `default_layout(model)`: 'facebook' for
     ConvNeXt, 'slak' otherwise), numpy, with `num_batches_tracked` for PyTorch's strict loading."""
-    rules = torch_rules(model, layout)
-    sd = {k: np.array(v) for k, v in tio.to_torch_state_dict(variables, rules).items()}
-    bns = [r.torch_key.removesuffix(".running_mean") for r in rules if r.torch_key.endswith(".running_mean")]
-    return sd | {f"{p}.num_batches_tracked": np.array(0, np.int64) for p in bns}
+    return tio.to_torch_state_dict(variables, torch_rules(model, layout))  # with num_batches_tracked
 
 
 # ---------------------------------------------------------------------------------------------- families

@@ -209,7 +209,7 @@ def from_torch(state_dict: Mapping[str, Any], model: RepLKNet) -> dict[str, Any]
     """Official RepLKNet state_dict -> `model`'s variables, strictly (`WeightImportError` lists missing,
     unexpected and mis-shaped keys; `num_batches_tracked` dropped). `model` must be in the state_dict's form
     (`infer(state_dict, model)` gives it)."""
-    sd = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state_dict.items()}
+    sd = tio.numpy_state_dict(state_dict)
     if (detect_form(sd) == "deploy") != model.deploy:
         raise ValueError(f"model.deploy={model.deploy} but the state_dict is in the other form: use "
                          "infer(state_dict, model)")
@@ -219,10 +219,7 @@ def from_torch(state_dict: Mapping[str, Any], model: RepLKNet) -> dict[str, Any]
 
 def to_torch(variables: Mapping[str, Any], model: RepLKNet) -> dict[str, np.ndarray]:
     """`model`'s variables -> the official state_dict (numpy; `num_batches_tracked` added for strict loading)."""
-    rules = torch_rules(model)
-    sd = {k: np.array(v) for k, v in tio.to_torch_state_dict(variables, rules).items()}
-    bns = [r.torch_key.removesuffix(".running_mean") for r in rules if r.torch_key.endswith(".running_mean")]
-    return sd | {f"{p}.num_batches_tracked": np.array(0, np.int64) for p in bns}
+    return tio.to_torch_state_dict(variables, torch_rules(model))  # with num_batches_tracked
 
 
 FAMILY = Family("replknet", RepLKNet, tiny="replknet_test", macs=macs, from_torch=from_torch, to_torch=to_torch,
