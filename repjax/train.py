@@ -24,7 +24,7 @@ import numpy as np
 
 from repjax import checkpoint, config as config_lib, data, evals, losses, sharding, workdir as workdir_lib
 from repjax.build import build, example_shape, load_init
-from repjax.data import folder, pipeline
+from repjax.data import pipeline
 from repjax.evals import classification, cost
 from repjax.metrics import MetricWriter, ProgressBar
 from repjax.nn import conv
@@ -46,9 +46,9 @@ def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) ->
 
 
 def configure(config) -> None:
-    """Process-wide settings that come from the config (conv weight-gradient mode, data cache size)."""
+    """Process-wide settings that come from the config (the conv weight-gradient mode; data settings travel
+    with each source in `repjax.data.SourceOptions`)."""
     conv.set_chunked_default(config.conv_chunked_wgrad)
-    folder.set_cache_gb(config.data.cache_gb)
 
 
 def check_eval(config, model, abstract_state, eval_source, num_classes: int) -> None:

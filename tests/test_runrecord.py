@@ -93,7 +93,7 @@ def test_config_file_and_argument_errors_are_one_line(tmp_path, capsys):
 
 
 def test_former_environment_switches_are_config_keys():
-    from repjax.data import folder
+    from repjax.data import SourceOptions
     from repjax.nn import conv
     from repjax.train import configure
 
@@ -101,10 +101,10 @@ def test_former_environment_switches_are_config_keys():
     config.data.cache_gb, config.conv_chunked_wgrad = 0.5, "off"
     try:
         configure(config)
-        assert folder.cache_limit_bytes() == 2**29 and not conv.chunked_default()
+        assert SourceOptions.from_config(config).cache_limit_bytes == 2**29 and not conv.chunked_default()
     finally:
         configure(config_lib.defaults())
-    assert folder.cache_limit_bytes() == 2 * 2**30
+    assert SourceOptions.from_config(config_lib.defaults()).cache_limit_bytes == 2 * 2**30
     assert "stop_on_nan" not in config_lib.flatten(config_lib.defaults())  # was never read: removed
 
 

@@ -42,12 +42,17 @@ class SourceOptions:
 
     skip_bad_files: bool = False
     allow_missing_classes: bool = False
+    cache_gb: float = 2.0  # folder/TFDS splits whose decoded size is below this are decoded once into memory
 
     @classmethod
     def from_config(cls, config: Any) -> SourceOptions:
         """From a full config (its `data` block), or from the `data` block itself."""
         block = config.data if hasattr(config, "data") else config
-        return cls(**{f.name: bool(block.get(f.name, f.default)) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: type(f.default)(block.get(f.name, f.default)) for f in dataclasses.fields(cls)})
+
+    @property
+    def cache_limit_bytes(self) -> int:
+        return int(self.cache_gb * 2**30)
 
 
 DEFAULT_OPTIONS = SourceOptions()

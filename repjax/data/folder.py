@@ -12,7 +12,7 @@ Images decode lazily by index with Pillow (greyscale, palette, RGBA, CMYK -> RGB
 ones are dropped, with their count in the log. Small splits are cached: the first `as_arrays()` call (the
 pipeline makes it) decodes every file once, in a thread pool, into one uint8 array (CIFAR-10's 50k JPEGs: a few
 seconds, 150 MB). By default (`cache=None`) a split is cached when its decoded size is estimated below
-`config.data.cache_gb` (default 2) GiB (`set_cache_gb`).
+`config.data.cache_gb` (default 2) GiB (`SourceOptions.cache_gb`).
 """
 
 from __future__ import annotations
@@ -89,18 +89,6 @@ def class_names(root: pathlib.Path, splits: list[str], allow_missing: bool = Fal
     return union
 
 
-CACHE_GB = 2.0  # config.data.cache_gb, set by train/eval through `set_cache_gb`
-
-
-def set_cache_gb(gb: float) -> None:
-    global CACHE_GB
-    CACHE_GB = float(gb)
-
-
-def cache_limit_bytes() -> int:
-    return int(CACHE_GB * 2**30)
-
-
 class FolderSource:
     """One split of an ImageFolder tree."""
 
@@ -113,6 +101,7 @@ class FolderSource:
         if split not in splits:
             raise UnknownSplitError(f"Image folder {str(root)!r} has no split {split!r}; available: "
                                     f"{', '.join(splits) or 'none'} (expected layout {LAYOUT})")
+        self.cache_limit = options.cache_limit_bytes
         self.class_names = class_names(root, splits, options.allow_missing_classes)
         self.num_classes = len(self.class_names)
         self.files: list[str] = []
@@ -147,7 +136,7 @@ class FolderSource:
             if self._images is None and self.cache is not False:
                 first = decode(self.files[0])
                 if self.cache is None:
-                    self.cache = first.nbytes * len(self.files) <= cache_limit_bytes()
+                    self.cache = first.nbytes * len(self.files) <= self.cache_limit
                 if self.cache:
                     self._images = _decode_all(tuple(self.files), first.shape, self.num_threads)
         return (self._images, self.labels) if isinstance(self._images, np.ndarray) else None
@@ -157,7 +146,7 @@ class FolderSource:
         if self.cache is not False:
             first = _first_good(self.files)
             if self.cache is None:
-                self.cache = first.nbytes * len(self.files) <= cache_limit_bytes()
+                self.cache = first.nbytes * len(self.files) <= self.cache_limit
         if self.cache:
             images, bad = _decode_all(tuple(self.files), first.shape, self.num_threads, skip_bad=True)
         else:

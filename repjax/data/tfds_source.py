@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from repjax.data.base import DEFAULT_OPTIONS, SOURCES, SourceOptions, UnknownSplitError
-from repjax.data.folder import cache_limit_bytes
 
 
 def how_to_prepare(name: str, data_dir: str | None) -> str:
@@ -49,7 +48,9 @@ def _import_tfds() -> Any:
 class TfdsSource:
     """Random access over one split of a prepared ArrayRecord TFDS dataset."""
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None, *, cache: bool | None = None):
+    def __init__(self, name: str, split: str, data_dir: str | None = None, *, cache: bool | None = None,
+                 cache_limit: int = DEFAULT_OPTIONS.cache_limit_bytes):
+        self.cache_limit = cache_limit
         tfds = _import_tfds()
         data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
         try:
@@ -91,7 +92,7 @@ class TfdsSource:
             if self._arrays is None and self.cache is not False:
                 first = self[0]["image"]
                 if self.cache is None:
-                    self.cache = first.nbytes * len(self) <= cache_limit_bytes()
+                    self.cache = first.nbytes * len(self) <= self.cache_limit
                 if self.cache:
                     self._arrays = self._decode_all(first.shape)
                     self.cache = self._arrays is not None
@@ -120,4 +121,4 @@ def tfds_source(arg: str | None, split: str, options: SourceOptions = DEFAULT_OP
     if not arg:
         raise ValueError("Data source 'tfds' needs a dataset name: 'tfds:<name>' or 'tfds:<name>@<data_dir>'")
     name, _, data_dir = arg.partition("@")
-    return TfdsSource(name, split, data_dir or None)
+    return TfdsSource(name, split, data_dir or None, cache_limit=options.cache_limit_bytes)
