@@ -70,6 +70,7 @@ def make_config(model: str, kwargs: dict[str, Any], args: argparse.Namespace, st
     if model.startswith("resnet"):  # the CIFAR ResNet has no image_size: it pools globally
         del c.model.kwargs["image_size"]
     c.model.kwargs.update(kwargs)
+    c.epochs, c.optim.warmup_epochs, c.eval_every_epochs = 0, 0, 0  # lengths in steps here (`--quick`: 6)
     c.total_steps = steps
     c.optim.warmup_steps = max(steps // 10, 1)
     c.eval_every_steps = 0
