@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(REPO / "experiments/results/dyn_adapter"))
     p.add_argument("--init", default=None, help="flat .npz of pre-trained ViT params ('a/b/c' keys)")
     p.add_argument("--init_run", default=None, help="a repjax training workdir of the plain ViT (its latest "
-                   "checkpoint), with --init_config (e.g. configs/vit_imagenette.py)")
-    p.add_argument("--init_config", default=None)
+                   "checkpoint), e.g. runs/vit_imagenette from configs/vit_imagenette.py")
+    p.add_argument("--init_config", default=None, help="the --init_run's config (default: the one it recorded)")
     p.add_argument("--save_init", default=None, help="write the --pretrain_steps backbone here")
     p.add_argument("--pretrain_steps", type=int, default=0)
     p.add_argument("--pretrain_images", type=int, default=9469)
@@ -371,10 +371,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.init:
         pretrained = dict(np.load(args.init))
     elif args.init_run:
-        from repjax import config as config_lib
+        from repjax import config as config_lib, workdir
         from repjax.build import restore_variables
 
-        cfg = config_lib.load(args.init_config)
+        cfg = config_lib.load(args.init_config) if args.init_config else workdir.run_config(args.init_run)
+        if cfg is None:
+            raise FileNotFoundError(f"--init_run {args.init_run}: no config.json (not a repjax training workdir)")
         variables = restore_variables(cfg, args.init_run, 10, (args.image_size, args.image_size, 3))
         pretrained = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables["params"]).items()}
     elif args.pretrain_steps:

@@ -170,22 +170,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {name: make_config(model, kw, args, steps) for name, (model, kw) in variants(args.kernel, with_vit).items()}
     kernels = (SWEEP[0], SWEEP[-1]) if args.quick else SWEEP
     sweep = {k: make_config("convnext_imagenette", variants(k, False)["dense"][1], args, steps) for k in kernels}
+    workdirs = {name: out / "runs" / name for name in runs}
+    for k, c in sweep.items():  # a sweep point with the config of a model above (K = --kernel) reuses its run
+        same = [name for name, r in runs.items() if r.to_dict() == c.to_dict()]
+        workdirs[f"sweep_{k}"] = workdirs[same[0]] if same else out / "runs" / f"sweep_{k}"
+    trained = set()
     for name, c in [*runs.items(), *((f"sweep_{k}", c) for k, c in sweep.items())]:
-        train(c, out / "runs" / name)
+        if workdirs[name] not in trained:
+            train(c, workdirs[name])
+            trained.add(workdirs[name])
     results: dict[str, Any] = {"quick": args.quick, "steps": steps, "epochs": steps * args.batch / 9469,
                                "image_size": args.image_size, "images": args.images, "baseline": "resnet",
                                "corruptions": list(corruptions), "severities": list(severities), "models": {}}
     # the declared baseline: the ResNet's Imagenette-C errors (written by its first, corruption-only pass)
-    evaluate("resnet", runs["resnet"], out / "runs" / "resnet", args, out, None, corruptions, severities, False)
+    evaluate("resnet", runs["resnet"], workdirs["resnet"], args, out, None, corruptions, severities, False)
     baseline_json = str(out / "imagenette_c_resnet_baseline.json")
     pathlib.Path(baseline_json).write_text((out / "imagenette_c_resnet.json").read_text())
     for name, c in runs.items():
-        results["models"][name] = evaluate(name, c, out / "runs" / name, args, out, baseline_json, corruptions,
+        results["models"][name] = evaluate(name, c, workdirs[name], args, out, baseline_json, corruptions,
                                            severities, True)
     results["kernel_sweep"] = []
     for k, c in sweep.items():
-        r = evaluate(f"sweep_{k}", c, out / "runs" / f"sweep_{k}", args, out, baseline_json, corruptions, severities,
-                     False)
+        same = [name for name in runs if workdirs[name] == workdirs[f"sweep_{k}"]]
+        r = results["models"][same[0]] if same else evaluate(f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out,
+                                                             baseline_json, corruptions, severities, False)
         results["kernel_sweep"].append({"kernel": k, "clean_top1": r["clean_top1"], "mce": r["mce"]})
     for name, r in results["models"].items():
         results[name] = {k: r[k] for k in ("clean_top1", "mce", "fgsm_acc", "pgd_acc")}
