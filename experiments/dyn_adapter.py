@@ -6,7 +6,7 @@
 Protocol (VTAB-1k, V-PETL style; spec §5.3, §7.9): for every task and host,
   1. search: train on train800 for every learning rate of `--lrs`, score on val200; the host and its Dyn-
      version each keep their best rate; the Dyn- search model also fixes the early-exit thresholds: calibrated
-     on val200 for `--target` (fraction of the host's full-forward MACs);
+     on val200 for `--target` (fraction of the host's full-forward MACs); with one rate the host search is skipped;
   2. final: retrain on train800val200 with the chosen rate, evaluate on test once: `host_top1`; `dyn_top1` is
      the Dyn- model at the val200-calibrated thresholds, `dyn_flops_ratio` its expected MACs (every head
      evaluated counts; analytic ViT counts, `repjax.projects.dynadapter.flops`) over the host's full forward;
@@ -240,14 +240,17 @@ def run_task(args: argparse.Namespace, task: str, pretrained: dict | None) -> di
         search = {"host": {}, "dyn": {}}
         thresholds, val_logits = {}, {}
         for lr in args.lrs:
-            p, _ = train(args, host_model, base, regex, xtr, ytr, lr, dyn=False)
-            search["host"][lr] = float(np.mean(np.argmax(logits(host_model, p, xval), -1) == yval))
+            if len(args.lrs) > 1:  # one rate: nothing to choose, the host's search run is skipped
+                p, _ = train(args, host_model, base, regex, xtr, ytr, lr, dyn=False)
+                search["host"][lr] = float(np.mean(np.argmax(logits(host_model, p, xval), -1) == yval))
+            else:
+                search["host"][lr] = None
             p, _ = train(args, dyn, dyn_init, regex, xtr, ytr, lr, dyn=True)
             val_logits[lr] = logits(dyn, p, xval)
             t = ee.calibrate(np.stack([ee.confidence(z) for z in val_logits[lr]]), cum, args.target * full)
             search["dyn"][lr] = ee.simulate(val_logits[lr], yval, t, cum)["top1"]
             thresholds[lr] = t
-        lr_host = max(search["host"], key=search["host"].get)
+        lr_host = args.lrs[0] if len(args.lrs) == 1 else max(search["host"], key=search["host"].get)
         lr_dyn = max(search["dyn"], key=search["dyn"].get)
         # 2. final on train800val200, test once
         p_host, n_host = train(args, host_model, base, regex, xall, yall, lr_host, dyn=False)
