@@ -48,3 +48,9 @@ def test_lk_robustness_run_configs_resolve(quick, monkeypatch):
         config = lk.make_config(model, kwargs, args, steps)
         config_lib.validate(config)
         assert config_lib.resolve_epochs(config, 9469).total_steps == steps, name
+
+
+def test_shared_recipe_refuses_an_unknown_augmentation(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(config_lib.ConfigFileError, match="aug must be one of"):
+        config_lib.load("configs/vit_imagenette.py:aug=medium")
