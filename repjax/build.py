@@ -99,7 +99,7 @@ def merge_init(imported: Any, current: Any, *, reinit: list[str] = (), reinit_mi
                what: str = "imported weights") -> dict[str, Any]:
     """`current` (the model's initial variables) with every leaf taken from `imported` (cast to the model's
     dtype) except the re-initialised ones (see `load_init`); strict otherwise, all problems in one error."""
-    from repjax.io.torch import _raise_if
+    from repjax.io.torch import raise_weight_problems
 
     path_str = sharding.path_str
 
@@ -125,10 +125,12 @@ def merge_init(imported: Any, current: Any, *, reinit: list[str] = (), reinit_mi
     unexpected = [k for k in have if k not in want and not any(p.search(k) for p in patterns)]
     hint = ("" if not mismatched else " (fine-tuning with another class count? set config.init.reinit_mismatched_head"
             "=True or config.init.reinit=['<regex of the head>'] to re-initialise the head)")
-    _raise_if([(f"shape mismatches, imported vs model{hint}",
-                [f"{k}: {np.shape(have[k])} vs {np.shape(want[k])}" for k in sorted(mismatched)]),
-               ("model leaves missing from the import", missing), ("imported leaves the model lacks", unexpected),
-               ("config.init.reinit regexes matching no model leaf", unused)], f"initialising from {what!r}")
+    shapes = [f"{k}: {np.shape(have[k])} vs {np.shape(want[k])}" for k in sorted(mismatched)]
+    raise_weight_problems([(f"shape mismatches, imported vs model{hint}", shapes),
+                           ("model leaves missing from the import", missing),
+                           ("imported leaves the model lacks", unexpected),
+                           ("config.init.reinit regexes matching no model leaf", unused)],
+                          f"initialising from {what!r}")
     out = {k: (want[k] if k in chosen else np.asarray(have[k]).astype(want[k].dtype)) for k in want}
     if chosen:
         logging.getLogger(__name__).info("init from %s: re-initialised %s", what, ", ".join(sorted(chosen)))

@@ -106,7 +106,8 @@ def problems_message(what: str, problems: Sequence[tuple[str, Sequence[str]]]) -
     return f"{what}:\n" + "\n".join(listing(t, list(items)) for t, items in problems) if problems else None
 
 
-def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
+def raise_weight_problems(problems: list[tuple[str, list[str]]], what: str) -> None:
+    """`WeightImportError` listing every non-empty `(title, items)` problem of `what`; nothing when all are empty."""
     message = problems_message(f"{what} failed", problems)
     if message:
         raise WeightImportError(message)
@@ -148,8 +149,8 @@ def _check_rules(rules: Sequence[Rule]) -> None:
         seen: set = set()
         return sorted({str(x) for x in xs if x in seen or seen.add(x)})
 
-    _raise_if([("duplicate torch keys in rules", dupes(r.torch_key for r in rules)),
-               ("duplicate flax paths in rules", dupes(r.flax_path for r in rules))], "rule check")
+    raise_weight_problems([("duplicate torch keys in rules", dupes(r.torch_key for r in rules)),
+                           ("duplicate flax paths in rules", dupes(r.flax_path for r in rules))], "rule check")
 
 
 def _name(path: Path) -> str:
@@ -192,9 +193,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule], 
             mismatched.append(f"{r.torch_key} {source.shape} -> {_name(r.flax_path)}: {got}, expected {want.shape}")
             continue
         flat[r.flax_path] = value.astype(want.dtype)
-    _raise_if([("missing torch keys", missing), ("unexpected torch keys", unexpected),
-               ("rules pointing to no flax leaf", unknown), ("flax leaves not filled", unfilled),
-               ("shape mismatches", mismatched)], "PyTorch -> Flax import")
+    raise_weight_problems([("missing torch keys", missing), ("unexpected torch keys", unexpected),
+                           ("rules pointing to no flax leaf", unknown), ("flax leaves not filled", unfilled),
+                           ("shape mismatches", mismatched)], "PyTorch -> Flax import")
     return traverse_util.unflatten_dict(flat)
 
 
@@ -205,9 +206,10 @@ def to_torch_state_dict(variables: Mapping, rules: Sequence[Rule], counters: boo
     _check_rules(rules)
     leaves = traverse_util.flatten_dict(dict(variables))
     covered = {r.flax_path for r in rules}
-    _raise_if([("rules pointing to no flax leaf", [_name(r.flax_path) for r in rules if r.flax_path not in leaves]),
-               ("flax leaves without a rule", [_name(p) for p in leaves if p not in covered])],
-              "Flax -> PyTorch export")
+    dangling = [_name(r.flax_path) for r in rules if r.flax_path not in leaves]
+    raise_weight_problems([("rules pointing to no flax leaf", dangling),
+                           ("flax leaves without a rule", [_name(p) for p in leaves if p not in covered])],
+                          "Flax -> PyTorch export")
     sd = {r.torch_key: np.array(r.to_torch(np.asarray(leaves[r.flax_path])), order="C") for r in rules}
     return sd | bn_counters(rules) if counters else sd
 
@@ -292,7 +294,7 @@ def check_finite(state_dict: Mapping[str, np.ndarray], path: str = "state_dict")
             if not finite.all():
                 nan = int(np.isnan(v).sum())
                 bad.append(f"{k} {v.shape}: {nan} NaN, {int(finite.size - finite.sum()) - nan} inf")
-    _raise_if([("entries holding NaN or inf", bad)], f"reading {path!r}")
+    raise_weight_problems([("entries holding NaN or inf", bad)], f"reading {path!r}")
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
