@@ -301,12 +301,10 @@ def summary(results: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], hosts: list[str], path: pathlib.Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from repjax.plot import new_figure, save_figure
 
     tasks = [t for t in results if t != "average"]
-    fig = Figure(figsize=(4 * len(tasks), 3.4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(4 * len(tasks), 3.4)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
         for h in hosts:
@@ -322,7 +320,7 @@ def plot(results: dict[str, Any], hosts: list[str], path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

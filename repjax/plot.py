@@ -48,6 +48,21 @@ def select_keys(available: Sequence[str], wanted: Sequence[str] | None) -> list[
     return chosen
 
 
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure on its own Agg canvas: no pyplot, so no global backend state (safe in threads)."""
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110, tight: bool = True) -> Path:
+    """Writes `fig` to `path` (parent folders created) and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
+    return path
+
+
 def _labels(workdirs: Sequence[Path]) -> list[str]:
     names = [p.resolve().name for p in workdirs]
     if len(set(names)) == len(names):
@@ -77,8 +92,7 @@ def plot_runs(
     labels = _labels(dirs)
     ncols = max(1, min(ncols, len(chosen)))
     nrows = math.ceil(len(chosen) / ncols)
-    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows))  # Agg canvas, no pyplot: no global backend state
-    FigureCanvasAgg(fig)
+    fig = new_figure(4.5 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, key in zip(axes.flat, chosen):
         for label, run in zip(labels, runs):
@@ -95,10 +109,7 @@ def plot_runs(
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    out_path = Path(out) if out is not None else dirs[0] / "curves.png"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    return out_path
+    return save_figure(fig, Path(out) if out is not None else dirs[0] / "curves.png", tight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

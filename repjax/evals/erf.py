@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from repjax import data, sharding
 from repjax.data import augment
 from repjax.evals import EVALUATORS
+from repjax.plot import new_figure, save_figure
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 NORM_OPS = ("to_rgb", "normalize", "value_range")
@@ -145,8 +144,7 @@ def area_ratios(m: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict
 
 def plot_erf(erf: np.ndarray, path: str | Path, title: str | None = None) -> Path:
     """Heat map (PNG) of the display map of a raw ERF map."""
-    fig = Figure(figsize=(5, 4.4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(5, 4.4)
     ax = fig.add_subplot()
     image = ax.imshow(display_map(erf), cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -154,10 +152,7 @@ def plot_erf(erf: np.ndarray, path: str | Path, title: str | None = None) -> Pat
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def _norm_pp(eval_pp: str) -> str:

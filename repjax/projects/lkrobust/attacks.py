@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from repjax import data
 from repjax.evals import EVALUATORS
+from repjax.plot import new_figure, save_figure
 from repjax.projects.lkrobust import inputs
 
 ATTACKS = ("fgsm", "pgd")
@@ -105,8 +104,7 @@ def attack_accuracy(ev: inputs.Evaluated, x01: np.ndarray, labels: np.ndarray, a
 def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, xlabel: str,
                 ylabel: str = "top-1 (%)", title: str = "") -> Path:
     """Line plot, one line per name: {name: (x values, y values)} (shared by the sweep evaluators)."""
-    fig = Figure(figsize=(5.5, 4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(5.5, 4)
     ax = fig.add_subplot()
     for name, (xs, ys) in curves.items():
         ax.plot(list(xs), list(ys), marker="o", ms=3, label=name)
@@ -117,10 +115,7 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 @EVALUATORS.register("adversarial")

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from repjax import data
 from repjax.evals import EVALUATORS
+from repjax.plot import new_figure, save_figure
 from repjax.projects.lkrobust import inputs
 from repjax.projects.lkrobust.attacks import plot_curves
 
@@ -94,8 +93,7 @@ def fourier_basis(h: int, w: int, ky: int, kx: int) -> np.ndarray:
 
 
 def plot_heatmap(err: np.ndarray, ky: np.ndarray, kx: np.ndarray, path: str | Path, title: str) -> Path:
-    fig = Figure(figsize=(5, 4.4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(5, 4.4)
     ax = fig.add_subplot()
     image = ax.imshow(100 * err, cmap="jet", vmin=0, vmax=100, origin="lower", interpolation="nearest",
                       extent=(kx[0] - 0.5, kx[-1] + 0.5, ky[0] - 0.5, ky[-1] + 0.5), aspect="auto")
@@ -103,10 +101,7 @@ def plot_heatmap(err: np.ndarray, ky: np.ndarray, kx: np.ndarray, path: str | Pa
     ax.set_xlabel("k_x")
     ax.set_ylabel("k_y")
     ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def _data(model, variables, config, mesh, source, split, num_images, batch_size):

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from repjax import data
 from repjax.data.base import SOURCES
 from repjax.evals import EVALUATORS
+from repjax.plot import new_figure, save_figure
 from repjax.projects.lkrobust import corruptions as C, inputs
 
 ALEXNET_ERRORS = {
@@ -211,8 +210,7 @@ def ce_metrics(errors: Mapping[str, Mapping[int, float]], clean_error: float, ba
 def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, title: str,
               reference: float | None = None) -> Path:
     """One bar per corruption (PNG); `reference` draws a horizontal line (e.g. 100% = the baseline)."""
-    fig = Figure(figsize=(max(6.0, 0.45 * len(values) + 2), 4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(6.0, 0.45 * len(values) + 2), 4)
     ax = fig.add_subplot()
     names = list(values)
     ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue")
@@ -221,10 +219,7 @@ def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, tit
         ax.axhline(reference, color="k", lw=0.8, ls="--")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 @EVALUATORS.register("imagenet_c")

@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from repjax import data
 from repjax.evals import EVALUATORS
+from repjax.plot import new_figure, save_figure
 from repjax.projects.lkrobust import inputs
 from repjax.projects.lkrobust.attacks import plot_curves
 
@@ -116,8 +115,7 @@ def large_kernels(model: nn.Module, params: Any) -> dict[str, np.ndarray]:
 
 def plot_sorted(curves: dict[str, np.ndarray], path: str | Path, title: str, ylabel: str) -> Path:
     """One curve per block: its per-channel values sorted ascending against the channel fraction."""
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     cmap = __import__("matplotlib").colormaps["viridis"]
     for i, (name, v) in enumerate(curves.items()):
@@ -129,10 +127,7 @@ def plot_sorted(curves: dict[str, np.ndarray], path: str | Path, title: str, yla
     ax.set_title(title, fontsize=10)
     if len(curves) <= 12:
         ax.legend(fontsize=6)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 @EVALUATORS.register("kernel_attention")
