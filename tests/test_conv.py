@@ -12,6 +12,11 @@ from repjax.nn.layers import BatchNorm, ConvBN
 PAD = ((1, 1), (1, 1))
 
 
+def _normal(shape, seed):
+    """numpy normals as float32 JAX arrays: jax.random would compile a threefry kernel per shape."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _reference(x, kernel, strides, padding, groups):
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=groups)
@@ -21,12 +26,12 @@ def _reference(x, kernel, strides, padding, groups):
                                                     ((2, 2), 2, "SAME"), ((1, 2), 1, ((0, 1), (2, 0)))])
 def test_chunked_conv_matches_lax(monkeypatch, strides, groups, padding):
     monkeypatch.setattr(rconv, "CHUNK_ELEMENTS", 2 * 9 * 9 * 8)  # 2 examples per chunk -> 6 chunks
-    x = jax.random.normal(jax.random.key(0), (12, 9, 9, 8))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8 // groups, 12))
+    x = _normal((12, 9, 9, 8), 0)
+    kernel = _normal((3, 3, 8 // groups, 12), 1)
     assert rconv.num_chunks(x.shape) == 6
     y, vjp = jax.vjp(lambda a, k: rconv.chunked_conv(a, k, strides, padding, groups), x, kernel)
     y_ref, vjp_ref = jax.vjp(lambda a, k: _reference(a, k, strides, padding, groups), x, kernel)
-    dy = jax.random.normal(jax.random.key(2), y.shape)
+    dy = _normal(y.shape, 2)
     np.testing.assert_array_equal(y, y_ref)
     for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -42,7 +47,7 @@ def test_num_chunks_divides_batch():
 @pytest.mark.parametrize("chunked", [True, False])
 def test_conv_module_is_flax_conv(monkeypatch, chunked):
     monkeypatch.setattr(rconv, "CHUNK_ELEMENTS", 16 * 16 * 4)
-    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 4))
+    x = _normal((8, 16, 16, 4), 0)
     ours = rconv.Conv(6, (3, 3), strides=2, padding=PAD, feature_group_count=2, chunked=chunked)
     theirs = nn.Conv(6, (3, 3), strides=2, padding=PAD, feature_group_count=2)
     variables = theirs.init(jax.random.key(1), x)

@@ -93,7 +93,7 @@ def test_plot_writes_png(tmp_path):
 def test_evaluator_on_digits(tmp_path):
     config = config_lib.defaults()
     model = models.create("small_cnn", num_classes=10, width=4)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), train=False)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), train=False))()
     mesh = sharding.make_mesh(config.mesh)
     out = evals.get("erf")(model, variables, config, mesh, image_size=16, num_images=5, save=str(tmp_path / "erf"))
     assert out["images"] + out["skipped"] == 5 and out["feature"] == "intermediates:conv_bn3"

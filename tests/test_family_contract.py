@@ -2,7 +2,8 @@
 
 Parametrised over `repjax.models.families()`, so a family registered later is checked as soon as it registers.
 Per family, on its tiny variant at its registered input size (batch 2, float32):
-- create and init: `{'params'}` (+ `{'batch_stats'}`), float32 logits of shape (2, num_classes);
+- create and init: `{'params'}` (+ `{'batch_stats'}`) from the traced init (`jax.eval_shape`: no init compile),
+  and float32 logits of shape (2, num_classes) from the jitted eval-mode forward on random values of that tree;
 - two forms: `reparameterize` returns exactly the tree (structure, shapes, dtypes) of `deploy(model).init`, and
   the deploy model gives the training model's eval-mode logits, max|diff| <= 1e-4 * max|logits| (randomized BN
   statistics: mean ~ N(0, 0.5), var ~ U(0.2, 2), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.3));
@@ -63,12 +64,17 @@ def _randomize(abstract, seed=0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def _logits(model, variables, x):
+    """Eval-mode logits, jitted: the same program in both tests below (compiled once per worker)."""
+    return jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_create_and_init(family):
     model, x = _setup(family)
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
-    assert "params" in variables and set(variables) <= {"params", "batch_stats"}
-    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    abstract = _abstract(model, x)
+    assert "params" in abstract and set(abstract) <= {"params", "batch_stats"}
+    out = _logits(model, _randomize(abstract), x)
     assert out.shape == (2, model.num_classes) and out.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -85,8 +91,8 @@ def test_reparameterize_equals_training_form(family):
     variables = _randomize(_abstract(model, x))
     converted = family.reparameterize(variables, model)
     chex.assert_trees_all_equal_shapes_and_dtypes(converted, _abstract(deploy, x))
-    ref = model.apply(variables, x, train=False)
-    out = deploy.apply(converted, x, train=False)
+    ref = _logits(model, variables, x)
+    out = _logits(deploy, converted, x)
     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
     assert err <= REL_TOL, err
 

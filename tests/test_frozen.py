@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from repjax import config as config_lib, models, optim
 from repjax.models import vit
@@ -10,7 +11,10 @@ from repjax.nn import petl
 from repjax.step import TrainState, make_train_step, trainable_grad
 
 
-def _setup():
+@pytest.fixture(scope="module")
+def setup():
+    """ViT test model with an adapter host on an initialised backbone, AdamW with the adapter rules (one set-up
+    for both tests: nothing here is mutated)."""
     model = models.create("vit_test", petl=dict(kind="adapter"))
     backbone = models.create("vit_test")
     bv = jax.jit(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
@@ -19,12 +23,13 @@ def _setup():
     cfg.name, cfg.lr, cfg.weight_decay, cfg.rules = "adamw", 1e-2, 0.05, petl.optim_rules("adapter")
     tx, schedule = optim.build(cfg, params, total_steps=10)
     mask = optim.trainable_mask(params, cfg.rules)
-    batch = {"image": jax.random.normal(jax.random.key(2), (4, 16, 16, 3)), "label": jnp.array([0, 1, 2, 3])}
+    image = np.random.default_rng(2).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    batch = {"image": jnp.asarray(image), "label": jnp.array([0, 1, 2, 3])}
     return model, params, tx, schedule, mask, batch
 
 
-def test_trainable_grad_equals_full_gradient_on_trainable_leaves():
-    model, params, _, _, mask, batch = _setup()
+def test_trainable_grad_equals_full_gradient_on_trainable_leaves(setup):
+    model, params, _, _, mask, batch = setup
 
     def loss(p):
         return jnp.mean(model.apply({"params": p}, batch["image"]) ** 2), 1.0
@@ -37,8 +42,8 @@ def test_trainable_grad_equals_full_gradient_on_trainable_leaves():
     assert any(np.abs(gf).max() > 0 for gf, m in zip(jax.tree.leaves(g_full), jax.tree.leaves(mask)) if not m)
 
 
-def test_frozen_step_equals_full_gradient_step_and_keeps_backbone_bitwise():
-    model, params, tx, schedule, mask, batch = _setup()
+def test_frozen_step_equals_full_gradient_step_and_keeps_backbone_bitwise(setup):
+    model, params, tx, schedule, mask, batch = setup
     opt_state = tx.init(params)
     # Optimizer state exists only for the trainable leaves (the adapters and the classifier).
     state_size = sum(x.size for x in jax.tree.leaves(opt_state) if hasattr(x, "size") and x.ndim)

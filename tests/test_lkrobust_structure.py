@@ -16,8 +16,28 @@ KW = dict(depths=(1, 1, 2, 1), num_classes=3)
 
 
 def _init(name, **kw):
+    """The model and random variables of its shapes, drawn with numpy (running `init` costs a compile or an
+    op-by-op dispatch of every initializer): kernels N(0, 1/fan_in), biases and means N(0, 0.1^2), scales,
+    layer-scale gammas and variances U(0.5, 1.5)."""
     model = models.create(name, **{**KW, **kw})
-    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name, shape = str(getattr(path[-1], "key", path[-1])), leaf.shape
+        if len(shape) >= 2:
+            x = rng.normal(size=shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        elif name in ("bias", "mean"):
+            x = rng.normal(size=shape) * 0.1
+        else:
+            x = rng.uniform(0.5, 1.5, shape)
+        return jnp.asarray(x, leaf.dtype)
+
+    return model, jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _normal(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def test_distance_closed_forms():
@@ -67,7 +87,7 @@ def setup():
 
 def test_feature_variance_matches_captured_outputs(setup):
     _, model, variables, _ = setup
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    x = _normal((4, 32, 32, 3))
     names, var = S.feature_variances(model, variables, x)
     assert names == ["stages_0_0", "stages_1_0", "stages_2_0", "stages_2_1", "stages_3_0"]
     _, state = model.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
@@ -78,9 +98,9 @@ def test_feature_variance_matches_captured_outputs(setup):
 
 def test_lesion_identity_is_exact(setup):
     _, model, variables, _ = setup
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    x = _normal((2, 32, 32, 3))
     blocks = S.feature_variances_names(model, variables, x)
-    ref = model.apply(variables, x, train=False)
+    ref = model.apply(variables, x, train=False)  # eager like lesioned_logits here: bitwise comparable
     none = S.lesioned_logits(model, variables, x, jnp.zeros(len(blocks), bool), blocks)
     np.testing.assert_array_equal(none, ref)
     params = jax.tree.map(np.asarray, variables["params"])

@@ -17,18 +17,23 @@ def _apply(model, variables, x):
 
 
 def _random_like(tree, seed, scale=0.2, ones=False):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape) * scale + (1.0 if ones and x.ndim == 1 else 0.0)
-                              for k, x in zip(keys, leaves)])
+    """N(0, scale^2) leaves of `tree`'s shapes (numpy: no per-shape JAX random compiles), 1-D ones around 1."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale
+                                              + (1.0 if ones and len(x.shape) == 1 else 0.0), jnp.float32), tree)
+
+
+def _shapes(model):
+    """The variables' tree (shapes only, no init compile): every test gives it random values."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
 
 
 @pytest.fixture(scope="module")
 def backbone():
     model = models.create("vit_test")
-    v = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
-    v = {"params": _random_like(v["params"], 1, ones=True)}  # LayerNorm scales around 1, everything else random
-    return model, v, jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    v = {"params": _random_like(_shapes(model)["params"], 1, ones=True)}  # LayerNorm scales around 1
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 3)), jnp.float32)
+    return model, v, x
 
 
 @pytest.mark.parametrize("kind", IDENTITY_KINDS)
@@ -60,7 +65,7 @@ def test_vpt_deep_prompts_are_attended_from_the_start(backbone):
 def test_merge_is_exact_in_fp32(backbone, spec, arch):
     model, v, x = backbone
     model = model.clone(**arch)
-    v = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
+    v = _random_like(_shapes(model), 0)  # replaced below: only the backbone's layout matters
     host = model.clone(petl=spec)
     hv = vit.attach_backbone(v, host, rng=3, fresh=None)
     hv = {"params": _random_like(hv["params"], 5, ones=True)}  # random host parameters (not the zero init)

@@ -156,13 +156,15 @@ def test_network_reparameterize_equals_train_form(size):
     model = tiny()
     x = normal((2, size, size, 3))
     v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
-    ref = jax.jit(model.apply)(v, x)
+
+    def logits_and_features(m):  # one compile per form for both outputs
+        return jax.jit(lambda v, x: (m.apply(v, x), m.apply(v, x, features=True)))
+
+    ref, f_ref = logits_and_features(model)(v, x)
     dv = jax.jit(rm.reparameterize, static_argnums=1)(v, model)
-    out = jax.jit(tiny(deploy=True).apply)(dv, x)
+    out, f_out = logits_and_features(tiny(deploy=True))(dv, x)
     assert out.shape == (2, 10)
     assert rel_err(out, ref) <= REL_TOL
-    f_ref = model.apply(v, x, features=True)
-    f_out = tiny(deploy=True).apply(dv, x, features=True)
     assert [f.shape for f in f_out] == [(2, size // 2, size // 2, 8), (2, size // 4, size // 4, 16)]
     for a, b in zip(f_out, f_ref):
         assert rel_err(a, b) <= REL_TOL
@@ -193,29 +195,43 @@ def test_network_non_square_partitions():
         rm.reparameterize(v, tiny())
 
 
-def test_bfloat16_and_gradients():
-    model = tiny(dtype=jnp.bfloat16)
+@pytest.fixture(scope="module")
+def train_step_outputs():
+    """repmlpnet_tiny on 16x16 inputs, random variables (numpy, no init compile): one jitted train-mode
+    forward + backward gives the logits, the updated batch statistics and the gradients."""
+    model = tiny()
     x = normal((2, 16, 16, 3))
-    v = jax.jit(model.init)(jax.random.key(0), x)
-    assert model.apply(v, x).dtype == jnp.float32
+    v = randomize(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
 
-    def loss(params):
-        out, _ = tiny().apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-        return jnp.mean(out**2)
+    @jax.jit
+    def step(params, batch_stats, x):
+        def loss(p):
+            out, upd = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                   mutable=["batch_stats"])
+            return jnp.mean(out**2), (out, upd)
 
-    grads = jax.jit(jax.grad(loss))(v["params"])
+        (_, (out, upd)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return out, upd, grads
+
+    return x, v, step(v["params"], v["batch_stats"], x)
+
+
+def test_bfloat16_and_gradients(train_step_outputs):
+    x, v, (_, _, grads) = train_step_outputs
+    assert jax.jit(tiny(dtype=jnp.bfloat16).apply)(v, x).dtype == jnp.float32
     g = grads["stages_0_0"]["repmlp_block"]
     assert all(float(jnp.abs(g[k]["conv"]["kernel"]).sum()) > 0 for k in ("repconv1", "repconv3", "repconv5"))
     assert float(jnp.abs(g["fc3"]["kernel"]).sum()) > 0
 
 
-def test_training_step_runs_and_updates_stats():
-    model = tiny()
-    x = normal((2, 16, 16, 3))
-    v = model.init(jax.random.key(0), x)
-    out, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+def test_training_step_runs_and_updates_stats(train_step_outputs):
+    _, v, (out, upd, _) = train_step_outputs
     assert out.shape == (2, 10) and bool(jnp.all(jnp.isfinite(out)))
-    assert not np.allclose(upd["batch_stats"]["stages_0_0"]["repmlp_block"]["fc3_bn"]["mean"], 0.0)
+    path = ("stages_0_0", "repmlp_block", "fc3_bn", "mean")
+    new, old = upd["batch_stats"], v["batch_stats"]
+    for k in path:
+        new, old = new[k], old[k]
+    assert not np.allclose(new, old)
 
 
 # Official README table (spec 4.3), millions. Ours: T224 38.29, B224 68.24, T256 58.69, B256 96.45,

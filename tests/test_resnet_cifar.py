@@ -15,6 +15,28 @@ def _abstract(model, shape=(1, 32, 32, 3)):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
 
 
+def _random(abstract, seed=0):
+    """Random values of `abstract`'s shapes and dtypes, drawn with numpy (no init: it would compile a random
+    kernel per shape): kernels N(0, 1/fan_in), BN scales and variances U(0.5, 1.5), biases and means N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = str(getattr(path[-1], "key", path[-1])), leaf.shape
+        if len(shape) >= 2:
+            x = rng.normal(size=shape) / np.sqrt(int(np.prod(shape[:-1])))
+        elif name in ("scale", "var"):
+            x = rng.uniform(0.5, 1.5, shape)
+        else:
+            x = rng.normal(size=shape) * 0.1
+        return jnp.asarray(x, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _normal(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -46,18 +68,18 @@ def test_bad_depth():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_shapes_and_dtype(dtype):
     model = resnet_cifar.ResNetCifar(depth=8, num_classes=7, dtype=dtype)
-    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))  # params stay float32
-    logits = model.apply(variables, x, train=False)
+    x = _normal((2, 32, 32, 3))
+    abstract = _abstract(model, x.shape)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(abstract))  # params stay float32
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(_random(abstract), x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_bn_train_vs_eval():
     model = resnet_cifar.ResNetCifar(depth=8)
-    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 3 + 1
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = _normal((4, 32, 32, 3)) * 3 + 1
+    variables = _random(_abstract(model, x.shape))
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     old, new = variables["batch_stats"]["stem"]["bn"], updates["batch_stats"]["stem"]["bn"]
     assert not np.allclose(old["mean"], new["mean"])  # train mode updates running statistics
@@ -70,7 +92,7 @@ def test_bn_train_vs_eval():
 
 
 def test_option_a_shortcut():
-    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 16))
+    x = _normal((2, 32, 32, 16), seed=0)
     y = resnet_cifar.shortcut_a(x, 32, 2)
     assert y.shape == (2, 16, 16, 32)
     np.testing.assert_array_equal(y[..., :8], 0)
@@ -92,8 +114,8 @@ def test_block_shapes():
 def test_small_cnn(shape):
     model = MODELS.get("small_cnn")(num_classes=10)
     assert isinstance(model, small_cnn.SmallCNN)
-    x = jax.random.normal(jax.random.key(0), shape)
-    variables = model.init(jax.random.key(1), x, train=False)
+    x = _normal(shape, seed=0)
+    variables = _random(_abstract(model, shape), seed=1)
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     assert logits.shape == (shape[0], 10) and logits.dtype == jnp.float32
     assert set(updates) == {"batch_stats"}

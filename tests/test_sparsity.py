@@ -127,7 +127,7 @@ def test_inside_optim_build_other_groups_untouched():
 
 def test_train_step_and_checkpoint_round_trip(tmp_path):
     model = models.create("small_cnn", num_classes=3, width=4)
-    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False))  # tree
     spec = ("dynamic_sparsity", {**SPEC[1], "init": "erk", "sparsity": 0.6, "update_every": 2})
     tx, schedule = optim.build(_cfg([(r"kernel$", {"final_transforms": [spec]})]), v["params"], 10)
     state = jax.jit(lambda: init_state(model, tx, jnp.zeros((1, 8, 8, 3)), 0, False))()
