@@ -101,13 +101,20 @@ class MetricWriter:
 
     write_scalars = write
 
-    def rewind(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+    def rewind(self, keep: Callable[[dict[str, Any]], bool], *, purge_from: int | None = None) -> int:
         """Rewrites `metrics.jsonl` with only the rows for which `keep(row)` holds; returns how many went.
 
         A resumed run calls it with "step <= restored step" so that the steps it repeats are not logged twice.
+        `purge_from`: TensorBoard hides the events of earlier files at steps >= it (a new event file opened
+        with tensorboardX's `purge_step`), so the curves do not repeat either.
         """
         if not self.active or self._file is None:
             return 0
+        if self._tb is not None and purge_from is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.workdir / "tb"), purge_step=int(purge_from))
         self._file.close()
         path = self.workdir / METRICS_FILE
         rows = read_metrics(path)

@@ -134,7 +134,7 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
         print(f"Resumed from step {start} in {workdir}", flush=True)
     # Rows of steps this run repeats go (and the final rows of a finished run that is evaluated again).
     writer.rewind(lambda r: r.get("step", 0) < start or (r.get("step", 0) == start and (
-        start < config.total_steps or any(str(k).startswith("train/") for k in r))))
+        start < config.total_steps or any(str(k).startswith("train/") for k in r))), purge_from=start + 1)
 
     # ---------------------------------------------------------------- Loop
     batches = pipeline.train_batches(

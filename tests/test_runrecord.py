@@ -270,6 +270,37 @@ def test_torn_line_and_rewind(tmp_path):
                                       {"step": 3, "train/loss": 30.0}]
 
 
+def _events(path):
+    """The Event protos of one TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+        i += 12 + n + 4
+    return out
+
+
+def test_rewind_purges_repeated_tensorboard_steps(tmp_path):
+    """A resumed run's TensorBoard file starts with a SessionLog START at the purge step: TensorBoard drops the
+    earlier files' events from that step on, so repeated steps are not drawn twice."""
+    with MetricWriter(tmp_path) as w:
+        for step in (1, 2, 3):
+            w.write(step, {"train/loss": float(step)})
+    with MetricWriter(tmp_path) as w:
+        w.rewind(lambda r: r["step"] <= 2, purge_from=3)
+        w.write(3, {"train/loss": 30.0})
+    resumed = [f for f in (tmp_path / "tb").iterdir()
+               if any(e.HasField("summary") and e.summary.value[0].simple_value == 30.0 for e in _events(f))]
+    assert len(resumed) == 1
+    events = [e for e in _events(resumed[0]) if e.HasField("session_log") or e.HasField("summary")]
+    assert (events[0].step, events[0].session_log.status) == (3, 1)  # SessionLog.START at step 3, first
+    assert [(e.step, e.summary.value[0].simple_value) for e in events[1:]] == [(3, 30.0)]
+
+
 # ------------------------------------------------------------------------------------------ start-up
 
 def test_rendezvous_names_missing_processes():
