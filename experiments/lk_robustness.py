@@ -6,7 +6,7 @@ Models of one training budget and recipe (configs/pelk/lk_imagenette.py), all on
 layout (stem 4x4/4, depths 2-2-4-2, widths 48-384) except the ResNet and the ViT:
   small3   3x3 depthwise kernels                   small7   7x7 (ConvNeXt)
   dense    dense K-K/2-K/4-3 kernels + 5x5, BN     pelk     peripheral kernels of the same sizes (PeLK)
-  resnet   ResNet-20 (CIFAR layout, 3 stages)      vit      any registered `vit_imagenette` model, when present
+  resnet   ResNet-20 (CIFAR layout, 3 stages)      vit      `vit_imagenette` (12-block ViT-Ti, patch 8)
 and the kernel sweep: the dense backbone with first-stage kernel K = 3, 7, 13, 21, 31 (31 = the largest
 useful on the 16x16 first map at 64 px; later stages min(K, 15), min(K, 7), 3).
 
@@ -49,7 +49,7 @@ def stage_kernels(k: int) -> tuple[int, ...]:
     return (k, min(k, 15), min(k, 7), 3)
 
 
-def variants(kernel: int, with_vit: bool) -> dict[str, tuple[str, dict[str, Any]]]:
+def variants(kernel: int, with_vit: bool = True) -> dict[str, tuple[str, dict[str, Any]]]:
     """{name: (registered model, kwargs)}."""
     out = {
         "small3": ("convnext_imagenette", dict(dims=DIMS, kernel_sizes=(3, 3, 3, 3))),
@@ -109,7 +109,7 @@ def evaluate(name: str, c: Any, workdir: pathlib.Path, args: argparse.Namespace,
     res["occlusion"] = {k.removeprefix("top1/"): v for k, v in occ.items() if k.startswith("top1/")}
     fq = evals.get("frequency_noise")(model, variables, c, mesh, num_images=n, save=str(out / f"frequency_{name}"))
     res["frequency_drop"] = {k.removeprefix("drop/"): v for k, v in fq.items() if k.startswith("drop/")}
-    stage = 2 if name != "resnet" else 1
+    stage = {"resnet": 1, "vit": 0}.get(name, 2)  # ResNet-20: 3 stages; the ViT: one stage of 12 blocks
     les = evals.get("lesion")(model, variables, c, mesh, stage=stage, draws=3 if args.quick else 10,
                               num_images=n, save=str(out / f"lesion_{name}"))
     res["lesion"] = {k.removeprefix("top1/"): v for k, v in les.items() if k.startswith("top1/")}
@@ -138,7 +138,7 @@ def summary_plots(out: pathlib.Path, results: dict[str, Any]) -> None:
                          [100 * v for k, v in m[n]["occlusion"].items() if k.startswith(mode + "/")]) for n in names},
                     out / f"occlusion_{mode}.png", xlabel="dropped fraction / lambda")
     plot_curves({n: ([int(k) for k in m[n]["lesion"]], [100 * v for v in m[n]["lesion"].values()]) for n in names},
-                out / "lesion.png", xlabel="units removed (stage 3; ResNet stage 2)")
+                out / "lesion.png", xlabel="units removed (stage 3; ResNet: stage 2; ViT: any block)")
     sweep = results["kernel_sweep"]
     plot_curves({"clean top-1": ([s["kernel"] for s in sweep], [100 * s["clean_top1"] for s in sweep]),
                  "mCE": ([s["kernel"] for s in sweep], [100 * s["mce"] for s in sweep])},
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = 6 if args.quick else int(args.epochs * 9469 / args.batch)
     corruptions = ("gaussian_noise", "defocus_blur", "fog") if args.quick else C.COMMON
     severities = (3,) if args.quick else (1, 2, 3, 4, 5)
-    with_vit = "vit_imagenette" in models.MODELS
-    runs = {name: make_config(model, kw, args, steps) for name, (model, kw) in variants(args.kernel, with_vit).items()}
+    runs = {name: make_config(model, kw, args, steps) for name, (model, kw) in variants(args.kernel).items()}
     kernels = (SWEEP[0], SWEEP[-1]) if args.quick else SWEEP
     sweep = {k: make_config("convnext_imagenette", variants(k, False)["dense"][1], args, steps) for k in kernels}
     workdirs = {name: out / "runs" / name for name in runs}

@@ -114,12 +114,26 @@ def test_lesion_identity_is_exact(setup):
     assert not np.allclose(S.lesioned_logits(model, v, x, drop1, blocks), base, atol=1e-4)
 
 
+def test_lesion_keeps_blocks_that_change_shape(setup):
+    """ResNet-8 (one block per stage): the first block of stages 1 and 2 downsamples, so only stage 0's block
+    can be replaced by the identity; asking for stage 1 is a clear error, not a broadcasting failure."""
+    config, _, _, mesh = setup
+    model = models.create("resnet8", num_classes=3)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))()
+    x = _normal((1, 32, 32, 3))
+    assert S.feature_variances_names(model, variables, x) == ["stage1_block0", "stage2_block0", "stage3_block0"]
+    assert S.shape_preserving_blocks(model, variables, x) == {"stage1_block0"}
+    assert evals.get("lesion")(model, variables, config, mesh, stage=0, draws=1)["units"] == 1
+    with pytest.raises(ValueError, match=r"no shape-preserving blocks in stage 1 \(stages with some: \[0\]\)"):
+        evals.get("lesion")(model, variables, config, mesh, stage=1)
+
+
 def test_structure_evaluators(setup, tmp_path):
     config, model, variables, mesh = setup
     clean = evals.get("classification")(model, variables, config, mesh)["top1"]
     out = evals.get("lesion")(model, variables, config, mesh, draws=3, save=str(tmp_path / "lesion"))
     assert out["units"] == 2 and out["top1/0"] == pytest.approx(clean) and (tmp_path / "lesion.png").exists()
-    with pytest.raises(ValueError, match="no blocks in stage 7"):
+    with pytest.raises(ValueError, match="no shape-preserving blocks in stage 7"):
         evals.get("lesion")(model, variables, config, mesh, stage=7)
     fv = evals.get("feature_variance")(model, variables, config, mesh, batches=2, batch=4, save=str(tmp_path / "fv"))
     assert len(fv) == 5 and all(v >= 0 for v in fv.values())

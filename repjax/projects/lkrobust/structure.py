@@ -204,6 +204,26 @@ def feature_variances_names(model: nn.Module, variables: Any, x: jax.Array) -> l
     return names
 
 
+def shape_preserving_blocks(model: nn.Module, variables: Any, x: jax.Array) -> set[str]:
+    """Names of the blocks whose output has their input's shape (traced abstractly): the ones the identity can
+    replace. A ResNet stage's first block (stride 2, more channels) is not among them."""
+    keep: set[str] = set()
+
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and block_id(context.module.name) is not None and \
+                getattr(args[0], "shape", None) == getattr(out, "shape", ()):
+            keep.add(context.module.name)
+        return out
+
+    def fn(v, z):
+        with nn.intercept_methods(intercept):
+            return model.apply(v, z, train=False)
+
+    jax.eval_shape(fn, variables, x)
+    return keep
+
+
 @EVALUATORS.register("feature_variance")
 def feature_variance(model, variables, config, mesh, *, batches: int = 10, batch: int = 128, pool: int = 1280,
                      drop_cls: bool = False, seed: int = 0, source: str | None = None, split: str | None = None,
@@ -236,16 +256,20 @@ def lesion(model, variables, config, mesh, *, stage: int = 2, counts: Sequence[i
            source: str | None = None, split: str | None = None, batch_size: int | None = None,
            save: str | None = None) -> dict[str, Any]:
     """`top1/<n>`: mean top-1 over `draws` random sets of n units of `stage` replaced by the identity, for n
-    in `counts` (default 0..all); `save` writes `<save>.png` (top-1 against n)."""
+    in `counts` (default 0..all); `save` writes `<save>.png` (top-1 against n). Only blocks that keep their
+    input's shape are units (a ResNet stage's downsampling first block stays, as in Veit et al. 2016)."""
     src = data.get_source(source or config.data.source, split or config.data.eval_split)
     ev = inputs.Evaluated(model, variables, config, mesh, batch_size=batch_size)
     images, labels = inputs.load(src, inputs.subset(len(src), num_images), ev.geometry)
     x01 = inputs.to_unit(images)
-    blocks = feature_variances_names(model, variables, jnp.asarray(x01[:1] * ev.scale + ev.shift))
+    x1 = jnp.asarray(x01[:1] * ev.scale + ev.shift)
+    removable = shape_preserving_blocks(model, variables, x1)
+    blocks = [b for b in feature_variances_names(model, variables, x1) if b in removable]
     in_stage = [b for b in blocks if block_id(b)[0] == stage]
     if not in_stage:
         stages = sorted({block_id(b)[0] for b in blocks})
-        raise ValueError(f"lesion: {type(model).__name__} has no blocks in stage {stage} (stages {stages})")
+        raise ValueError(f"lesion: {type(model).__name__} has no shape-preserving blocks in stage {stage} "
+                         f"(stages with some: {stages})")
     size = unit_size or (2 if type(model).__name__ == "RepLKNet" else 1)
     units = [in_stage[i:i + size] for i in range(0, len(in_stage), size)]
     counts = list(range(len(units) + 1)) if counts is None else list(counts)
