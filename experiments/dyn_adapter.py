@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         results[task] = run_task(args, task, pretrained)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))  # partial, per task
     results["average"] = summary(results, args.hosts)
-    results["config"] = {k: v for k, v in vars(args).items()}
+    results["config"] = {**vars(args), "out": str(out.resolve().relative_to(REPO)) if out.resolve().is_relative_to(REPO)
+                                         else str(out)}  # no machine paths in a committed result
     results["backbone"] = args.init or args.init_run or (f"pretrained {args.pretrain_steps} steps on Imagenette"
                                         if args.pretrain_steps else "random init")
     plot({k: v for k, v in results.items() if k not in ("config", "backbone")}, args.hosts, out / "curve.png")
