@@ -133,8 +133,10 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
         start, state, _ = restored
         print(f"Resumed from step {start} in {workdir}", flush=True)
     # Rows of steps this run repeats go (and the final rows of a finished run that is evaluated again).
+    # TensorBoard hides the earlier files' events from the first repeated step on.
     writer.rewind(lambda r: r.get("step", 0) < start or (r.get("step", 0) == start and (
-        start < config.total_steps or any(str(k).startswith("train/") for k in r))), purge_from=start + 1)
+        start < config.total_steps or any(str(k).startswith("train/") for k in r))),
+        purge_from=start + 1 if start else None)
 
     # ---------------------------------------------------------------- Loop
     batches = pipeline.train_batches(
