@@ -106,7 +106,7 @@ def rows(quick: bool, vit: bool) -> list[Row]:
     return out
 
 
-VIT_NAME = "vit_tiny"  # the registry name of the ViT row (helper `vit`): skipped while repjax.models.vit is absent
+VIT_NAME = "vit_imagenette"  # the ViT row: the 12-block ViT-Ti/8 backbone of the Dyn-Adapter experiments
 
 
 def vit_available() -> bool:

@@ -306,6 +306,33 @@ def resnet_cifar(m: Any) -> nn.Module:
     return ResNetCifar(m.depth, m.num_classes, m.width)
 
 
+# ---------------------------------------------------------------------------------------------- ViT
+
+
+class ViT(nn.Module):
+    """The plain ViT of `repjax.models.vit.ViT` (class token with a learned position, pre-norm blocks, exact GELU,
+    final LayerNorm, CLS head) from PyTorch's own pre-norm `TransformerEncoderLayer` (its fused q/k/v
+    projection has the parameters of repjax's `qkv`); timm does not import here without torchvision."""
+
+    def __init__(self, m: Any):
+        super().__init__()
+        if m.pool != "cls" or m.posemb != "learn" or not m.posemb_cls or m.petl is not None:
+            raise ValueError("the PyTorch ViT reference covers the plain CLS / learned-position ViT only")
+        d, grid = m.width, m.image_size // m.patch_size
+        self.patch_embed = nn.Conv2d(3, d, m.patch_size, m.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, d))
+        layer = nn.TransformerEncoderLayer(d, m.num_heads, m.mlp_dim or 4 * d, dropout=0.0, activation="gelu",
+                                           layer_norm_eps=m.ln_eps, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, m.depth, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(d, eps=m.ln_eps), nn.Linear(d, m.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
@@ -313,6 +340,7 @@ BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "RepOptVGG": repopt_target,
     "LKConvNeXt": LKConvNeXt,
     "RepMLPNet": RepMLPNet,
+    "ViT": ViT,
 }
 
 
