@@ -60,3 +60,23 @@ def test_bench_models_quick_writes_rows(tmp_path, monkeypatch):
         assert keys <= set(row) and row["params"] == row["torch_params"]
         assert row["train_ratio"] > 0 and row["infer_ratio"] > 0 and row["torch_train_peak_mb"] > 0
     assert report["repopt_over_repvgg"] == [] and (tmp_path / "ratios.png").exists()  # one side of the pair only
+
+
+def test_torch_vit_reference_matches_the_parameter_count():
+    """experiments/torch_models.ViT (PyTorch's TransformerEncoderLayer) has the repjax ViT's parameter count,
+    which bench_models requires of every row, and the logits shape; a PETL host or GAP pooling is refused."""
+    import pathlib
+    import sys
+
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import torch_models
+
+    model = models.create("vit_test", num_classes=7)
+    size = model.image_size
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))["params"]
+    net = torch_models.build(model)
+    assert torch_models.param_count(net) == sum(x.size for x in jax.tree.leaves(params))
+    assert net(torch.zeros(2, 3, size, size)).shape == (2, 7)
+    with pytest.raises(ValueError, match="plain CLS"):
+        torch_models.build(models.create("vit_test", pool="gap"))
