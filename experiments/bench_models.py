@@ -75,7 +75,7 @@ class Row:
     nesterov: bool = False
 
 
-def rows(quick: bool, vit: bool) -> list[Row]:
+def rows(quick: bool) -> list[Row]:
     if quick:
         out = [Row("resnet20", "resnet20", {}, 16, 4),
                Row("repvgg_tiny", "repvgg_tiny", {}, 16, 4),
@@ -101,18 +101,9 @@ def rows(quick: bool, vit: bool) -> list[Row]:
                Row("convnext_imagenette (64 px)", "convnext_imagenette", {}, 64, 32, "adamw"),
                Row("slak_imagenette (64 px)", "slak_imagenette", {}, 64, 32, "adamw"),
                Row("pelk_imagenette (64 px)", "pelk_imagenette", {}, 64, 32, "adamw")]
-    if vit:
-        out.append(Row("vit (small variant)", VIT_NAME, {}, 32 if quick else 64, 2 if quick else 32, "adamw"))
+    # the ViT row: `vit_imagenette`, the 12-block ViT-Ti/8 backbone of the Dyn-Adapter experiments
+    out.append(Row("vit (small variant)", "vit_imagenette", {}, 32 if quick else 64, 2 if quick else 32, "adamw"))
     return out
-
-
-VIT_NAME = "vit_imagenette"  # the ViT row: the 12-block ViT-Ti/8 backbone of the Dyn-Adapter experiments
-
-
-def vit_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("repjax.models.vit") is not None and VIT_NAME in models.names()
 
 
 # ---------------------------------------------------------------------------------------------- repjax side
@@ -400,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     rounds, iters = (1, 1) if args.quick else (args.rounds, args.iters)
-    selected = rows(args.quick, vit_available())
+    selected = rows(args.quick)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         selected = [r for r in selected if any(r.model == k or r.label.startswith(k) for k in keys)]

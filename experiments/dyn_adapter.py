@@ -243,14 +243,12 @@ def run_task(args: argparse.Namespace, task: str, pretrained: dict | None) -> di
             if len(args.lrs) > 1:  # one rate: nothing to choose, the host's search run is skipped
                 p, _ = train(args, host_model, base, regex, xtr, ytr, lr, dyn=False)
                 search["host"][lr] = float(np.mean(np.argmax(logits(host_model, p, xval), -1) == yval))
-            else:
-                search["host"][lr] = None
             p, _ = train(args, dyn, dyn_init, regex, xtr, ytr, lr, dyn=True)
             val_logits[lr] = logits(dyn, p, xval)
             t = ee.calibrate(np.stack([ee.confidence(z) for z in val_logits[lr]]), cum, args.target * full)
             search["dyn"][lr] = ee.simulate(val_logits[lr], yval, t, cum)["top1"]
             thresholds[lr] = t
-        lr_host = args.lrs[0] if len(args.lrs) == 1 else max(search["host"], key=search["host"].get)
+        lr_host = max(search["host"], key=search["host"].get) if search["host"] else args.lrs[0]
         lr_dyn = max(search["dyn"], key=search["dyn"].get)
         # 2. final on train800val200, test once
         p_host, n_host = train(args, host_model, base, regex, xall, yall, lr_host, dyn=False)

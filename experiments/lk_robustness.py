@@ -31,6 +31,7 @@ import numpy as np
 
 from repjax import config as config_lib, evals, models, sharding
 from repjax.build import restore_variables
+from repjax.metrics import read_metrics
 from repjax.projects import import_all
 from repjax.projects.lkrobust import corruptions as C
 from repjax.projects.lkrobust.attacks import plot_curves
@@ -49,7 +50,7 @@ def stage_kernels(k: int) -> tuple[int, ...]:
     return (k, min(k, 15), min(k, 7), 3)
 
 
-def variants(kernel: int, with_vit: bool = True) -> dict[str, tuple[str, dict[str, Any]]]:
+def variants(kernel: int) -> dict[str, tuple[str, dict[str, Any]]]:
     """{name: (registered model, kwargs)}."""
     out = {
         "small3": ("convnext_imagenette", dict(dims=DIMS, kernel_sizes=(3, 3, 3, 3))),
@@ -58,9 +59,8 @@ def variants(kernel: int, with_vit: bool = True) -> dict[str, tuple[str, dict[st
                                               use_bn=True)),
         "pelk": ("pelk_imagenette", dict(dims=DIMS, kernel_sizes=stage_kernels(kernel), small_kernel=5)),
         "resnet": ("resnet20", {}),
+        "vit": ("vit_imagenette", {}),
     }
-    if with_vit:
-        out["vit"] = ("vit_imagenette", {})
     return out
 
 
@@ -168,16 +168,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     severities = (3,) if args.quick else (1, 2, 3, 4, 5)
     runs = {name: make_config(model, kw, args, steps) for name, (model, kw) in variants(args.kernel).items()}
     kernels = (SWEEP[0], SWEEP[-1]) if args.quick else SWEEP
-    sweep = {k: make_config("convnext_imagenette", variants(k, False)["dense"][1], args, steps) for k in kernels}
-    workdirs = {name: out / "runs" / name for name in runs}
-    for k, c in sweep.items():  # a sweep point with the config of a model above (K = --kernel) reuses its run
-        same = [name for name, r in runs.items() if r.to_dict() == c.to_dict()]
-        workdirs[f"sweep_{k}"] = workdirs[same[0]] if same else out / "runs" / f"sweep_{k}"
-    trained = set()
-    for name, c in [*runs.items(), *((f"sweep_{k}", c) for k, c in sweep.items())]:
-        if workdirs[name] not in trained:
-            train(c, workdirs[name])
-            trained.add(workdirs[name])
+    sweep = {k: make_config("convnext_imagenette", variants(k)["dense"][1], args, steps) for k in kernels}
+    # a sweep point with the config of a model above (K = --kernel: `dense`) reuses that model's run and results
+    alias = {k: next((n for n, r in runs.items() if r.to_dict() == c.to_dict()), None) for k, c in sweep.items()}
+    workdirs = {name: out / "runs" / name for name in [*runs, *(f"sweep_{k}" for k in sweep if not alias[k])]}
+    for name, c in [*runs.items(), *((f"sweep_{k}", c) for k, c in sweep.items() if not alias[k])]:
+        train(c, workdirs[name])
+    (out / "clean_top1.json").write_text(json.dumps({  # each run's final eval (full val split), before analyses
+        name: next((r["test/top1"] for r in reversed(read_metrics(w)) if "test/top1" in r), None)
+        for name, w in workdirs.items()}, indent=1) + "\n")
     results: dict[str, Any] = {"quick": args.quick, "steps": steps, "epochs": steps * args.batch / 9469,
                                "image_size": args.image_size, "images": args.images, "baseline": "resnet",
                                "corruptions": list(corruptions), "severities": list(severities), "models": {}}
@@ -190,9 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            severities, True)
     results["kernel_sweep"] = []
     for k, c in sweep.items():
-        same = [name for name in runs if workdirs[name] == workdirs[f"sweep_{k}"]]
-        r = results["models"][same[0]] if same else evaluate(f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out,
-                                                             baseline_json, corruptions, severities, False)
+        r = results["models"][alias[k]] if alias[k] else evaluate(f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out,
+                                                                  baseline_json, corruptions, severities, False)
         results["kernel_sweep"].append({"kernel": k, "clean_top1": r["clean_top1"], "mce": r["mce"]})
     for name, r in results["models"].items():
         results[name] = {k: r[k] for k in ("clean_top1", "mce", "fgsm_acc", "pgd_acc")}

@@ -83,9 +83,12 @@ class MetricWriter:
         _drop_torn_tail(self.workdir / METRICS_FILE)
         self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            self._tb = self._open_tensorboard()
 
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
+    def _open_tensorboard(self, purge_step: int | None = None) -> Any:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(str(self.workdir / "tb"), purge_step=purge_step)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs `metrics` (scalar numbers or strings) at `step`; a line is flushed immediately."""
@@ -111,10 +114,8 @@ class MetricWriter:
         if not self.active or self._file is None:
             return 0
         if self._tb is not None and purge_from is not None:
-            from tensorboardX import SummaryWriter
-
             self._tb.close()
-            self._tb = SummaryWriter(str(self.workdir / "tb"), purge_step=int(purge_from))
+            self._tb = self._open_tensorboard(int(purge_from))
         self._file.close()
         path = self.workdir / METRICS_FILE
         rows = read_metrics(path)

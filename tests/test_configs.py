@@ -43,7 +43,7 @@ def test_lk_robustness_run_configs_resolve(quick, monkeypatch):
     lk = _script("lk_robustness", monkeypatch)
     args = types.SimpleNamespace(image_size=64, batch=16 if quick else 128)
     steps = 6 if quick else int(8 * 9469 / 128)
-    named = {**lk.variants(31, with_vit=True), **{f"sweep_{k}": lk.variants(k, False)["dense"] for k in lk.SWEEP}}
+    named = {**lk.variants(31), **{f"sweep_{k}": lk.variants(k)["dense"] for k in lk.SWEEP}}
     for name, (model, kwargs) in named.items():
         config = lk.make_config(model, kwargs, args, steps)
         config_lib.validate(config)

@@ -122,7 +122,7 @@ def test_lesion_keeps_blocks_that_change_shape(setup):
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))()
     x = _normal((1, 32, 32, 3))
     assert S.feature_variances_names(model, variables, x) == ["stage1_block0", "stage2_block0", "stage3_block0"]
-    assert S.shape_preserving_blocks(model, variables, x) == {"stage1_block0"}
+    assert S.shape_preserving_blocks(model, variables, x) == ["stage1_block0"]
     assert evals.get("lesion")(model, variables, config, mesh, stage=0, draws=1)["units"] == 1
     with pytest.raises(ValueError, match=r"no shape-preserving blocks in stage 1 \(stages with some: \[0\]\)"):
         evals.get("lesion")(model, variables, config, mesh, stage=1)

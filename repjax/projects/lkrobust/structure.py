@@ -204,16 +204,17 @@ def feature_variances_names(model: nn.Module, variables: Any, x: jax.Array) -> l
     return names
 
 
-def shape_preserving_blocks(model: nn.Module, variables: Any, x: jax.Array) -> set[str]:
-    """Names of the blocks whose output has their input's shape (traced abstractly): the ones the identity can
-    replace. A ResNet stage's first block (stride 2, more channels) is not among them."""
-    keep: set[str] = set()
+def shape_preserving_blocks(model: nn.Module, variables: Any, x: jax.Array) -> list[str]:
+    """Names, in call order, of the blocks whose output has their input's shape (traced abstractly): the ones
+    the identity can replace. A ResNet stage's first block (stride 2, more channels) is not among them."""
+    keep: list[str] = []
 
     def intercept(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and block_id(context.module.name) is not None and \
+        name = context.module.name
+        if context.method_name == "__call__" and block_id(name) is not None and name not in keep and \
                 getattr(args[0], "shape", None) == getattr(out, "shape", ()):
-            keep.add(context.module.name)
+            keep.append(name)
         return out
 
     def fn(v, z):
@@ -263,8 +264,7 @@ def lesion(model, variables, config, mesh, *, stage: int = 2, counts: Sequence[i
     images, labels = inputs.load(src, inputs.subset(len(src), num_images), ev.geometry)
     x01 = inputs.to_unit(images)
     x1 = jnp.asarray(x01[:1] * ev.scale + ev.shift)
-    removable = shape_preserving_blocks(model, variables, x1)
-    blocks = [b for b in feature_variances_names(model, variables, x1) if b in removable]
+    blocks = shape_preserving_blocks(model, variables, x1)
     in_stage = [b for b in blocks if block_id(b)[0] == stage]
     if not in_stage:
         stages = sorted({block_id(b)[0] for b in blocks})
