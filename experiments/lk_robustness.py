@@ -123,6 +123,26 @@ def evaluate(name: str, c: Any, workdir: pathlib.Path, args: argparse.Namespace,
     return res
 
 
+def evaluate_cached(name: str, c: Any, workdir: pathlib.Path, args: argparse.Namespace, out: pathlib.Path,
+                    baseline: Any, corruptions: tuple[str, ...], severities: tuple[int, ...],
+                    full: bool) -> dict[str, Any]:
+    """`evaluate`, kept in out/models/<name>.json with what it was computed from (the run's config, its last
+    step, the analysis settings): an interrupted evaluation phase restarts at the first model not finished, and
+    a result from another run or other settings is never reused."""
+    key = {"config": c.to_dict(), "last_step": max((r.get("step", 0) for r in read_metrics(workdir)), default=0),
+           "images": args.images, "quick": args.quick, "baseline": baseline and pathlib.Path(baseline).read_text(),
+           "corruptions": list(corruptions), "severities": list(severities), "full": full}
+    path = out / "models" / f"{name}.json"
+    if path.exists() and (out / f"imagenette_c_{name}.json").exists():  # that table: the next models' baseline
+        kept = json.loads(path.read_text())
+        if kept["key"] == json.loads(json.dumps(key, default=float)):
+            return kept["result"]
+    result = evaluate(name, c, workdir, args, out, baseline, corruptions, severities, full)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=1, default=float) + "\n")
+    return result
+
+
 def summary_plots(out: pathlib.Path, results: dict[str, Any]) -> None:
     names = [n for n in results["models"]]
     m = results["models"]
@@ -180,17 +200,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": args.quick, "steps": steps, "epochs": steps * args.batch / 9469,
                                "image_size": args.image_size, "images": args.images, "baseline": "resnet",
                                "corruptions": list(corruptions), "severities": list(severities), "models": {}}
-    # the declared baseline: the ResNet's Imagenette-C errors (written by its first, corruption-only pass)
-    evaluate("resnet", runs["resnet"], workdirs["resnet"], args, out, None, corruptions, severities, False)
+    # the declared baseline: the ResNet's Imagenette-C errors (its first, corruption-only pass writes that table)
+    evaluate_cached("resnet_baseline", runs["resnet"], workdirs["resnet"], args, out, None, corruptions, severities,
+                    False)
     baseline_json = str(out / "imagenette_c_resnet_baseline.json")
-    pathlib.Path(baseline_json).write_text((out / "imagenette_c_resnet.json").read_text())
     for name, c in runs.items():
-        results["models"][name] = evaluate(name, c, workdirs[name], args, out, baseline_json, corruptions,
+        results["models"][name] = evaluate_cached(name, c, workdirs[name], args, out, baseline_json, corruptions,
                                            severities, True)
     results["kernel_sweep"] = []
     for k, c in sweep.items():
-        r = results["models"][alias[k]] if alias[k] else evaluate(f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out,
-                                                                  baseline_json, corruptions, severities, False)
+        r = results["models"][alias[k]] if alias[k] else evaluate_cached(
+            f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out, baseline_json, corruptions, severities, False)
         results["kernel_sweep"].append({"kernel": k, "clean_top1": r["clean_top1"], "mce": r["mce"]})
     for name, r in results["models"].items():
         results[name] = {k: r[k] for k in ("clean_top1", "mce", "fgsm_acc", "pgd_acc")}

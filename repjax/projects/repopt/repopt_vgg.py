@@ -36,6 +36,7 @@ import numpy as np
 
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
+from repjax.nn.conv import Conv
 from repjax.nn.layers import batch_norm, torch_padding
 from repjax.nn.reparam import fuse_conv_bn, identity_kernel, pad_kernel
 from repjax.projects.repopt import repvgg, scales as scale_files
@@ -110,7 +111,7 @@ class LinearAddBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, self.features, strides=self.stride, use_bias=False, dtype=self.dtype,
+        conv = functools.partial(Conv, self.features, strides=self.stride, use_bias=False, dtype=self.dtype,
                                  param_dtype=jnp.float32, kernel_init=torch_default_init)
         scale = lambda name, v: self.param(name, nn.initializers.constant(v), (self.features,), jnp.float32)
         s, t = scale("scale_conv", self.scale_init), scale("scale_1x1", self.scale_init)
@@ -133,8 +134,8 @@ class RealVGGBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), self.stride, padding=torch_padding(3), use_bias=False, dtype=self.dtype,
-                    param_dtype=jnp.float32, kernel_init=self.kernel_init, name="conv")(x)
+        x = Conv(self.features, (3, 3), self.stride, padding=torch_padding(3), use_bias=False, dtype=self.dtype,
+                 param_dtype=jnp.float32, kernel_init=self.kernel_init, name="conv")(x)
         return nn.relu(batch_norm(train, self.dtype, name="bn")(x))
 
 

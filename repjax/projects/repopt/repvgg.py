@@ -25,6 +25,7 @@ import numpy as np
 
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
+from repjax.nn.conv import Conv
 from repjax.nn.layers import ConvBN, batch_norm, he_normal, torch_padding
 from repjax.nn.reparam import fuse_conv_bn, identity_kernel, merge_branches
 
@@ -59,8 +60,8 @@ class RepVGGBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.deploy:
-            y = nn.Conv(self.features, (3, 3), self.stride, padding=torch_padding(3), feature_group_count=self.groups,
-                        dtype=self.dtype, kernel_init=he_normal, name="rbr_reparam")(x)
+            y = Conv(self.features, (3, 3), self.stride, padding=torch_padding(3), feature_group_count=self.groups,
+                     dtype=self.dtype, kernel_init=he_normal, name="rbr_reparam")(x)
         else:
             branch = dict(strides=self.stride, groups=self.groups, act=None, dtype=self.dtype)
             y = ConvBN(self.features, 3, **branch, name="rbr_dense")(x, train)

@@ -1,9 +1,10 @@
 """Post-training int8 quantization of any Flax Linen model, without changing the model.
 
-`nn.intercept_methods` wraps the `__call__` of every `nn.Conv` / `nn.Dense` (`LAYERS`): `calibrate` records the
-range of each layer's input, and `quantized_apply` fake-quantizes each layer's input per tensor, while
-`quantize_weights` rounds their kernels per output channel (see `fake_quant`). Layers are keyed by module path
-(`stage1_0/rbr_reparam`); a module called more than once gets `path#1`, `path#2`, ... for its later calls.
+`nn.intercept_methods` wraps the `__call__` of every `nn.Conv` / `repjax.nn.conv.Conv` / `nn.Dense` (`LAYERS`):
+`calibrate` records the range of each layer's input, and `quantized_apply` fake-quantizes each layer's input per
+tensor, while `quantize_weights` rounds their kernels per output channel (see `fake_quant`). Layers are keyed by
+module path (`stage1_0/rbr_reparam`); a module called more than once gets `path#1`, `path#2`, ... for its later
+calls.
 
 Meant for deploy-form models (BN fused or absent, e.g. RepVGG after `reparameterize`): BatchNorm, biases (int32
 in a real int8 kernel, so exact enough to keep in float), pooling, additions and the output logits stay float.
@@ -21,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from repjax.nn.conv import Conv
 from repjax.projects.repopt.quant.fake_quant import act_qparams, fake_quant_act, fake_quant_weight
 
-LAYERS: tuple[type[nn.Module], ...] = (nn.Conv, nn.Dense)
+LAYERS: tuple[type[nn.Module], ...] = (nn.Conv, Conv, nn.Dense)
 METHODS = ("minmax", "percentile")
 Ranges = dict[str, tuple[float, float]]
 

@@ -1,0 +1,46 @@
+"""A convolution on a map smaller than its kernel, as one matrix product over image patches (im2col).
+
+XLA:CPU runs a dense convolution whose input map is smaller than its kernel (a 3x3 convolution on the 2x2 or
+1x1 maps that the last stages of a CIFAR-size RepVGG / ResNet reach) at 3-30 GFLOP/s, 10-50x below the same
+convolution on a 3x3 map (`python experiments/profile_step.py repvgg_b0 --batch 64 --size 32`: the 2x2-map
+convolutions of stage 3 take about 90% of RepVGG-B0's training step at 32 px). Written as patches times the
+reshaped kernel,
+
+    y[n, p, q, o] = sum_{i, j, c} x_pad[n, s*p + i, s*q + j, c] * w[i, j, c, o]
+                  = (P @ W)[(n, p, q), o],   P[(n, p, q), (i, j, c)] = x_pad[n, s*p + i, s*q + j, c],
+                                             W[(i, j, c), o] = w[i, j, c, o]   (row-major reshape of HWIO),
+
+it is the same sum in another order (equal up to float32 rounding, tested against `lax.conv_general_dilated`)
+and its gradients are a matrix product, slices and a pad. The patch matrix holds kh*kw copies of the output
+positions' receptive fields: on such small maps that is at most kh*kw times the input, a few hundred KiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def smaller_than_kernel(x_shape: Sequence[int], kernel_size: Sequence[int]) -> bool:
+    """Whether an NHWC input's map is smaller than the kernel in height or width: where XLA:CPU is slow."""
+    return x_shape[1] < kernel_size[0] or x_shape[2] < kernel_size[1]
+
+
+def patches_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+    """`lax.conv_general_dilated(x, kernel, strides, padding)` for NHWC `x`, HWIO `kernel`, one feature group."""
+    kh, kw, cin, cout = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"input has {x.shape[-1]} channels, kernel {kernel.shape} expects {cin} (groups unsupported)")
+    sh, sw = strides
+    pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kh}x{kw} does not fit the padded {xp.shape[1]}x{xp.shape[2]} map")
+    taps = [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(taps, axis=-1)  # (n, oh, ow, kh*kw*cin), tap-major like the HWIO reshape
+    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
