@@ -37,6 +37,14 @@ def test_patches_conv_matches_lax(hw, ksize, strides, padding):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_smaller_than_kernel_looks_at_both_maps():
+    assert im2col.smaller_than_kernel((1, 2, 9, 1), (3, 3), (1, 1), "SAME")  # input height
+    assert im2col.smaller_than_kernel((1, 4, 4, 1), (3, 3), (2, 2), ((1, 1), (1, 1)))  # output 2x2
+    assert im2col.smaller_than_kernel((1, 9, 9, 1), (3, 3), (1, 1), "VALID") is False  # 7x7 out
+    assert im2col.smaller_than_kernel((1, 5, 5, 1), (3, 3), (1, 1), "VALID") is False  # 3x3 out
+    assert im2col.smaller_than_kernel((1, 5, 5, 1), (3, 3), (2, 2), ((1, 1), (1, 1))) is False  # 3x3 out
+
+
 def test_patches_conv_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="groups unsupported"):
         im2col.patches_conv(jnp.ones((1, 2, 2, 4)), jnp.ones((3, 3, 2, 4)), (1, 1), "SAME")
@@ -48,7 +56,7 @@ def test_conv_routes_small_maps_to_patches(monkeypatch):
     calls = []
     original = im2col.patches_conv
     monkeypatch.setattr(rconv.im2col, "patches_conv", lambda *a: calls.append(a[0].shape) or original(*a))
-    small, large = _normal((4, 2, 2, 8), 0), _normal((4, 3, 3, 8), 0)
+    small, large = _normal((4, 2, 2, 8), 0), _normal((4, 5, 5, 8), 0)
     dense = rconv.Conv(8, (3, 3))
     v = dense.init(jax.random.key(0), small)
     y = dense.apply(v, small)
@@ -56,7 +64,11 @@ def test_conv_routes_small_maps_to_patches(monkeypatch):
                                rtol=1e-5, atol=1e-5)
     assert calls == [(4, 2, 2, 8)] * 2  # init and apply
     calls.clear()
-    dense.apply(v, large)  # a map as large as the kernel: XLA's convolution
+    rconv.Conv(8, (3, 3), strides=2).apply(v, _normal((4, 4, 4, 8), 0))  # 4x4 -> 2x2: output smaller than kernel
+    assert calls == [(4, 4, 4, 8)]
+    calls.clear()
+    dense.apply(v, large)  # maps as large as the kernel: XLA's convolution
+    rconv.Conv(8, (3, 3), strides=2, padding="VALID").apply(v, _normal((4, 7, 7, 8), 0))  # 7x7 -> 3x3
     rconv.Conv(8, (3, 3), feature_group_count=2).init(jax.random.key(0), small)  # grouped: XLA's convolution
     rconv.Conv(8, (1, 1)).init(jax.random.key(0), small)  # a 1x1 kernel is never larger than a map
     assert not calls

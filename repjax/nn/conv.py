@@ -9,8 +9,8 @@ its own transpose, unchanged.
 
 The chunked gradient is used by default on the CPU backend only; `config.conv_chunked_wgrad = "off"` (or
 `chunked=False`) uses the plain XLA convolution everywhere, `"on"` forces it on (`set_chunked_default`).
-A dense convolution whose input map is smaller than its kernel is one matrix product over patches instead
-(`repjax.nn.im2col`: XLA:CPU runs those 10-50x below its speed on larger maps).
+A dense convolution whose input or output map is smaller than its kernel is one matrix product over patches
+instead (`repjax.nn.im2col`: XLA:CPU runs those, or their input gradient, 10-50x below its speed on larger maps).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Conv(nn.Module):
     `chunked`: weight gradient over batch chunks (`chunked_conv`); None picks `chunked_default()`.
     A depthwise 'same' convolution (groups == in == out channels, stride 1, odd kernel, centred zero padding)
     goes through `repjax.nn.dwconv.depthwise_conv` with `depthwise_method` (the project's one depthwise op).
-    A dense (one group) convolution on a map smaller than its kernel is `repjax.nn.im2col.patches_conv`.
+    A dense (one group) convolution with a map smaller than its kernel is `repjax.nn.im2col.patches_conv`.
     """
 
     features: int
@@ -145,7 +145,7 @@ class Conv(nn.Module):
         chunked = chunked_default() if self.chunked is None else self.chunked
         if _is_depthwise_same(x.shape[-1], self.features, groups, (kh, kw), strides, padding):
             y = dwconv.depthwise_conv(x, kernel, self.depthwise_method)
-        elif groups == 1 and im2col.smaller_than_kernel(x.shape, (kh, kw)):
+        elif groups == 1 and im2col.smaller_than_kernel(x.shape, (kh, kw), strides, padding):
             y = im2col.patches_conv(x, kernel, strides, padding)
         elif chunked and num_chunks(x.shape) > 1:
             y = chunked_conv(x, kernel, strides, padding, groups)

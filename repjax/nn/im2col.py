@@ -2,9 +2,11 @@
 
 XLA:CPU runs a dense convolution whose input map is smaller than its kernel (a 3x3 convolution on the 2x2 or
 1x1 maps that the last stages of a CIFAR-size RepVGG / ResNet reach) at 3-30 GFLOP/s, 10-50x below the same
-convolution on a 3x3 map (`python experiments/profile_step.py repvgg_b0 --batch 64 --size 32`: the 2x2-map
-convolutions of stage 3 take about 90% of RepVGG-B0's training step at 32 px). Written as patches times the
-reshaped kernel,
+convolution on a 3x3 map, and likewise the input gradient of one whose output map is smaller than its kernel
+(the strided 4x4 -> 2x2 last block of RepVGG-A0 at 64 px: 124 ms against 6 ms as patches).
+`python experiments/profile_step.py repvgg_b0 --batch 64 --size 32`: the 2x2-map convolutions of stage 3 took
+about 90% of RepVGG-B0's training step at 32 px; `... repvgg_a0 --batch 32 --size 64`: 23% for that one input
+gradient. Written as patches times the reshaped kernel,
 
     y[n, p, q, o] = sum_{i, j, c} x_pad[n, s*p + i, s*q + j, c] * w[i, j, c, o]
                   = (P @ W)[(n, p, q), o],   P[(n, p, q), (i, j, c)] = x_pad[n, s*p + i, s*q + j, c],
@@ -24,9 +26,20 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def smaller_than_kernel(x_shape: Sequence[int], kernel_size: Sequence[int]) -> bool:
-    """Whether an NHWC input's map is smaller than the kernel in height or width: where XLA:CPU is slow."""
-    return x_shape[1] < kernel_size[0] or x_shape[2] < kernel_size[1]
+def _pads(hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+          padding: str | Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
+    return lax.padtype_to_pads(hw, kernel_size, strides, padding) if isinstance(padding, str) else padding
+
+
+def smaller_than_kernel(x_shape: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+                        padding: str | Sequence[tuple[int, int]]) -> bool:
+    """Whether the input or output map of a convolution of NHWC `x_shape` is smaller than the kernel in height
+    or width: where XLA:CPU's convolution (forward, or input gradient) is slow."""
+    pads = _pads(x_shape[1:3], kernel_size, strides, padding)
+    for size, k, s, (lo, hi) in zip(x_shape[1:3], kernel_size, strides, pads, strict=True):
+        if size < k or (size + lo + hi - k) // s + 1 < k:
+            return True
+    return False
 
 
 def patches_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -36,7 +49,7 @@ def patches_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     if x.shape[-1] != cin:
         raise ValueError(f"input has {x.shape[-1]} channels, kernel {kernel.shape} expects {cin} (groups unsupported)")
     sh, sw = strides
-    pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
+    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
     if oh < 1 or ow < 1:
