@@ -103,14 +103,24 @@ def jax_profile(fn, args, steps: int, batch: int) -> list[dict]:
                         totals[ev.name] += ev.duration_ns
     total = sum(totals.values())
     return [{"name": k, "share": v / total, "ms_per_step": v / 1e6 / steps, **index[k],
-             "category": category(k, index[k], batch)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+             "category": category(k, index[k], batch), "source": source(index[k])}
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
-def by_category(rows: list[dict]) -> dict[str, float]:
+def by_category(rows: list[dict], key: str = "category") -> dict[str, float]:
     acc: dict[str, float] = collections.defaultdict(float)
     for r in rows:
-        acc[r["category"]] += r["share"]
+        acc[r[key]] += r["share"]
     return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
+def source(info: dict[str, str]) -> str:
+    """`module/primitive` a thunk came from, e.g. `norm/rsqrt`, `pwconv1/dot_general`, `lk/fft` (the last two
+    components of its JAX op name without the jit(...)/jvp(...)/transpose(...) wrappers; block indices dropped,
+    so the same layer of every block adds up). Fusions take the name of their root op."""
+    names = [p for p in info["op_name"].split("/") if p and not re.fullmatch(r"\w+\(.*\)", p)]
+    parts = [re.sub(r"_\d+(_\d+)*$", "", p) for p in names]
+    return "/".join(parts[-2:]) if parts else f"({info['opcode']})"
 
 
 def torch_profile(step, steps: int) -> list[dict]:
@@ -215,10 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
         jrows = jax_profile(fn, (state, data), args.steps, args.batch)
     trows = torch_profile(tstep, args.steps) if tstep else []
     report = {"target": label, "command": "python experiments/profile_step.py " + " ".join(argv or sys.argv[1:]),
-              "repjax_by_category": by_category(jrows), "repjax_ops": jrows[: args.top],
+              "repjax_by_category": by_category(jrows),
+              "repjax_by_source": dict(list(by_category(jrows, "source").items())[: args.top]),
+              "repjax_ops": jrows[: args.top],
               "torch_ops": trows[: args.top], "repjax_all_ops": jrows, "seconds": time.time() - t0}
     print(f"== repjax {label}: share of summed thunk time by category")
     for k, v in report["repjax_by_category"].items():
+        print(f"  {v:6.1%}  {k}")
+    print("== repjax by source (module/primitive)")
+    for k, v in report["repjax_by_source"].items():
         print(f"  {v:6.1%}  {k}")
     print("== repjax top ops")
     for r in jrows[: args.top]:

@@ -80,3 +80,27 @@ def test_torch_vit_reference_matches_the_parameter_count():
     assert net(torch.zeros(2, 3, size, size)).shape == (2, 7)
     with pytest.raises(ValueError, match="plain CLS"):
         torch_models.build(models.create("vit_test", pool="gap"))
+
+
+def test_profile_step_names_each_thunk_by_its_layer():
+    """experiments/profile_step.py: the compiled HLO index finds the convolution of a tiny jitted step with its
+    JAX op name, `category` calls its transpose the input gradient, and `source` names it module/primitive."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import profile_step
+
+    def loss(x, w):
+        with jax.named_scope("stage3_12"), jax.named_scope("conv"):
+            y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y**2)
+
+    x, w = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
+    index = profile_step.hlo_index(jax.jit(jax.grad(loss)).lower(x, w).compile().as_text())
+    convs = [i for i in index.values() if "conv_general_dilated" in i["op_name"]]
+    assert convs and {profile_step.source(i) for i in convs} == {"conv/conv_general_dilated"}
+    assert "conv input grad" in {profile_step.category("", i, 4) for i in convs}
+    assert profile_step.source({"op_name": "jit(step)/jvp(Net)/stages_0_1/norm/rsqrt", "opcode": "fusion"}) == \
+        "norm/rsqrt"
+    assert profile_step.source({"op_name": "", "opcode": "copy"}) == "(copy)"
