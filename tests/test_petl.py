@@ -41,7 +41,8 @@ def test_host_is_identity_at_init_and_then_matters(backbone, kind):
     model, v, x = backbone
     host = model.clone(petl=dict(kind=kind))
     hv = vit.attach_backbone(v, host, rng=3, fresh=None)  # keep the backbone's classifier
-    np.testing.assert_allclose(_apply(host, hv, x), _apply(model, v, x), atol=1e-6)
+    # equal up to float32 rounding: the host's identity ops change how XLA fuses (and contracts) the rest
+    np.testing.assert_allclose(_apply(host, hv, x), _apply(model, v, x), rtol=2e-6, atol=1e-6)
     # The host is wired in: perturbing its parameters changes the logits.
     mask = optim.trainable_mask(hv["params"], [(petl.host_regex(kind), {}), (".*", {"frozen": True})])
     moved = jax.tree.map(lambda p, m, r: p + r if m else p, hv["params"], mask, _random_like(hv["params"], 4))

@@ -54,6 +54,7 @@ from flax import traverse_util
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
 from repjax.nn import petl as petl_lib
+from repjax.nn.activations import gelu
 from repjax.nn.layers import Dtype
 from repjax.nn.petl import PetlConfig
 
@@ -168,7 +169,7 @@ class Mlp(nn.Module):
     def __call__(self, h: jnp.ndarray, train: bool) -> jnp.ndarray:
         d = h.shape[-1]
         h = petl_lib.ssf(self.petl, "ssf_fc1")(_dense(self.hidden, self.dtype, "fc1")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h, approximate=self.gelu_approximate))
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h) if self.gelu_approximate else gelu(h))
         h = petl_lib.ssf(self.petl, "ssf_fc2")(_dense(d, self.dtype, "fc2")(h))
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 

@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repjax.nn.activations import gelu
+
 KINDS = ("adapter", "adaptformer", "lora", "repadapter", "bitfit", "ssf", "vpt")
 MERGEABLE = ("lora", "repadapter", "ssf", "bitfit")  # merge_petl folds these into the plain ViT
 
@@ -52,7 +54,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "ssf": dict(),
     "vpt": dict(length=10, dropout=0.0),
 }
-_ACTS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu,
+_ACTS = {"gelu": gelu, "relu": nn.relu,
          "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
 
 # Parameter-name regexes (on "blocks_0/adapter/down/kernel"-style paths) of each host's own parameters.

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repjax.nn.activations import gelu
 from repjax.projects.dynadapter.sparsity import gradient_gate, stage_rates
 
 POOLS = ("cls", "gap")
@@ -92,7 +93,7 @@ class ExitHead(nn.Module):
             x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
         x = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, self.num_prefix:], axis=1)
         if self.kind == "mlp":
-            x = nn.gelu(nn.Dense(self.hidden, name="fc1")(x), approximate=False)
+            x = gelu(nn.Dense(self.hidden, name="fc1")(x))
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="fc")(x)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
+from repjax.nn.activations import gelu
 from repjax.projects.pelk import lk_mixers as lkm, peripheral as pk
 
 Dtype = Any
@@ -63,7 +64,7 @@ class Block(nn.Module):
         y = MIXERS[self.mixer](**dict(self.mixer_kw), dtype=self.dtype, name="mixer")(x, train, pe)
         y = nn.LayerNorm(1e-6, dtype=self.dtype, name="norm")(y)
         y = nn.Dense(4 * c, dtype=self.dtype, kernel_init=trunc02, name="pwconv1")(y)
-        y = nn.Dense(c, dtype=self.dtype, kernel_init=trunc02, name="pwconv2")(nn.gelu(y, approximate=False))
+        y = nn.Dense(c, dtype=self.dtype, kernel_init=trunc02, name="pwconv2")(gelu(y))
         if self.layer_scale_init > 0:
             y = y * self.param("gamma", nn.initializers.constant(self.layer_scale_init), (c,)).astype(self.dtype)
         return x + drop_path(self, y, self.drop_path, train)

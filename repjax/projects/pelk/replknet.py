@@ -26,6 +26,7 @@ import numpy as np
 
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
+from repjax.nn.activations import gelu
 from repjax.nn.layers import ConvBN, batch_norm
 from repjax.projects.pelk import lk_mixers as lkm
 from repjax.projects.pelk.lk_convnext import drop_path, odd
@@ -64,7 +65,7 @@ class ConvFFN(nn.Module):
         c = x.shape[-1]
         y = batch_norm(train, self.dtype, name="preffn_bn")(x)
         y = ConvBN(self.ratio * c, 1, act=None, dtype=self.dtype, name="pw1")(y, train)
-        y = ConvBN(c, 1, act=None, dtype=self.dtype, name="pw2")(nn.gelu(y, approximate=False), train)
+        y = ConvBN(c, 1, act=None, dtype=self.dtype, name="pw2")(gelu(y), train)
         return x + drop_path(self, y, self.drop_path, train)
 
 

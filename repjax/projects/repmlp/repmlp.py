@@ -30,6 +30,7 @@ import numpy as np
 
 from repjax.io import torch as tio
 from repjax.models import Family, abstract_variables, register
+from repjax.nn.activations import gelu
 from repjax.nn.conv import Conv
 from repjax.nn.layers import ConvBN, batch_norm, he_normal
 from repjax.nn.locality import fuse_fc_bn, inject
@@ -152,7 +153,7 @@ class FFNBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ConvBN(self.hidden, 1, act=None, dtype=self.dtype, name="ffn_fc1")(x, train)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return ConvBN(self.out, 1, act=None, dtype=self.dtype, name="ffn_fc2")(x, train)
 
 
