@@ -16,8 +16,9 @@ scaled to [0.002, 0.03] here: the small models have little margin) and PGD (5 st
 start) accuracy curves; random/salient/non-salient occlusion (input-gradient saliency of each model itself,
 patch 4 px = a 16x16 grid); the band-noise sweep 0..pi (window 0.1 pi, eps 0.1); lesion curves of stage 3;
 kernel attention distances (large-kernel models); ERF area ratios. Writes `results.json` (per model
-`clean_top1`, `mce`, `fgsm_acc`, `pgd_acc`, ...; `kernel_sweep` = [{kernel, clean_top1, mce}]) and one PNG per
-analysis under --out.
+`clean_top1`, `mce`, `fgsm_acc`, `pgd_acc`, ...; `kernel_sweep` = [{kernel, clean_top1, mce, run}]), the README's
+tables (`tables.md`) and one PNG per analysis under --out. Each model's analyses are kept in models/<name>.json
+with what they were computed from, so an interrupted evaluation phase resumes at the first unfinished model.
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ def summary_plots(out: pathlib.Path, results: dict[str, Any]) -> None:
                 out / "kernel_sweep.png", xlabel="first-stage kernel K", ylabel="%")
 
 
+def markdown_tables(results: dict[str, Any], clean_full: dict[str, Any]) -> str:
+    """The README's tables from `results` (top-1 in %, on `images` val images unless said otherwise)."""
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    fg, pg = [f"{e:g}" for e in (FGSM_EPS[0], FGSM_EPS[2], FGSM_EPS[-1])], [f"{e:g}" for e in (PGD_EPS[1], PGD_EPS[-1])]
+    header = ("| model | clean (full val) | clean | corrupted | mCE | rel. mCE | " + " | ".join(
+        [f"FGSM {e}" for e in fg] + [f"PGD {e}" for e in pg]) + " | occl. 50% | salient / non-sal. drop 0.5 | "
+        "lesion 1 / 4 | band noise worst drop | ERF 20% area | kernel attn. distance (norm.) |")
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, r in results["models"].items():
+        ka = r.get("kernel_attention")
+        worst = max(r["frequency_drop"].items(), key=lambda kv: kv[1])
+        rows.append(" | ".join([
+            f"| {name}", pct(clean_full.get(name)), pct(r["clean_top1"]), pct(r["mean_corrupted_top1"]), pct(r["mce"]),
+            pct(r["relative_mce"]), *(pct(r["fgsm_acc"][e]) for e in fg), *(pct(r["pgd_acc"][e]) for e in pg),
+            pct(r["occlusion"]["random/0.5"]), f"{pct(r['occlusion']['salient/0.5'])} / "
+            f"{pct(r['occlusion']['non_salient/0.5'])}", f"{pct(r['lesion']['1'])} / {pct(r['lesion']['4'])}",
+            f"{pct(worst[1])} at {worst[0]} pi", f"{r['erf']['ratio_0.2']:.3f}",
+            "-" if ka is None else f"{ka['distance']:.2f} ({ka['distance_norm']:.2f})"]) + " |")
+    sweep = ["| first-stage K | clean (full val) | clean | mCE |", "|---|---|---|---|"]
+    for s in results["kernel_sweep"]:
+        name = s.get("run", f"sweep_{s['kernel']}")
+        sweep.append(f"| {s['kernel']} | {pct(clean_full.get(name))} | {pct(s['clean_top1'])} | {pct(s['mce'])} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(sweep) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -211,11 +239,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, c in sweep.items():
         r = results["models"][alias[k]] if alias[k] else evaluate_cached(
             f"sweep_{k}", c, workdirs[f"sweep_{k}"], args, out, baseline_json, corruptions, severities, False)
-        results["kernel_sweep"].append({"kernel": k, "clean_top1": r["clean_top1"], "mce": r["mce"]})
+        results["kernel_sweep"].append({"kernel": k, "clean_top1": r["clean_top1"], "mce": r["mce"],
+                                        "run": alias[k] or f"sweep_{k}"})
     for name, r in results["models"].items():
         results[name] = {k: r[k] for k in ("clean_top1", "mce", "fgsm_acc", "pgd_acc")}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     summary_plots(out, results)
+    (out / "tables.md").write_text(markdown_tables(results, json.loads((out / "clean_top1.json").read_text())))
     print(json.dumps({n: results[n] for n in results["models"]} | {"kernel_sweep": results["kernel_sweep"]},
                      indent=1, default=float))
     return results

@@ -54,3 +54,19 @@ def test_shared_recipe_refuses_an_unknown_augmentation(monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(config_lib.ConfigFileError, match="aug must be one of"):
         config_lib.load("configs/vit_imagenette.py:aug=medium")
+
+
+def test_lk_robustness_tables_have_one_row_per_model_and_kernel(monkeypatch):
+    lk = _script("lk_robustness", monkeypatch)
+    occ = {f"{m}/{v}": 0.2 for m in ("random", "salient", "non_salient") for v in (0.5,)}
+    model = {"clean_top1": 0.5, "mean_corrupted_top1": 0.3, "mce": 0.9, "relative_mce": None,
+             "fgsm_acc": {f"{e:g}": 0.1 for e in lk.FGSM_EPS}, "pgd_acc": {f"{e:g}": 0.1 for e in lk.PGD_EPS},
+             "occlusion": occ, "frequency_drop": {"0.00": 0.01, "0.70": 0.04}, "lesion": {"1": 0.4, "4": 0.3},
+             "erf": {"ratio_0.2": 0.1}}
+    results = {"models": {"a": model, "b": {**model, "kernel_attention": {"distance": 3.0, "distance_norm": 0.5}}},
+               "kernel_sweep": [{"kernel": 3, "clean_top1": 0.4, "mce": 1.0, "run": "sweep_3"}]}
+    table, sweep = lk.markdown_tables(results, {"a": 0.6, "sweep_3": 0.45}).split("\n\n")
+    lines = table.splitlines()
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[2].startswith("| a | 60.0 | 50.0 |") and "4.0 at 0.70 pi" in lines[2] and "3.00 (0.50)" in lines[3]
+    assert sweep.splitlines()[2] == "| 3 | 45.0 | 40.0 | 100.0 |"
