@@ -174,16 +174,16 @@ def markdown_tables(results: dict[str, Any], clean_full: dict[str, Any]) -> str:
     fg, pg = [f"{e:g}" for e in (FGSM_EPS[0], FGSM_EPS[2], FGSM_EPS[-1])], [f"{e:g}" for e in (PGD_EPS[1], PGD_EPS[-1])]
     header = ("| model | clean (full val) | clean | corrupted | mCE | rel. mCE | " + " | ".join(
         [f"FGSM {e}" for e in fg] + [f"PGD {e}" for e in pg]) + " | occl. 50% | salient / non-sal. drop 0.5 | "
-        "lesion 1 / 4 | band noise worst drop | ERF 20% area | kernel attn. distance (norm.) |")
+        "lesion 1 / all (n) | band noise worst drop | ERF 20% area | kernel attn. distance (norm.) |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results["models"].items():
-        ka = r.get("kernel_attention")
+        ka, most = r.get("kernel_attention"), max(r["lesion"], key=int)  # most: every removable block gone
         worst = max(r["frequency_drop"].items(), key=lambda kv: kv[1])
         rows.append(" | ".join([
             f"| {name}", pct(clean_full.get(name)), pct(r["clean_top1"]), pct(r["mean_corrupted_top1"]), pct(r["mce"]),
             pct(r["relative_mce"]), *(pct(r["fgsm_acc"][e]) for e in fg), *(pct(r["pgd_acc"][e]) for e in pg),
             pct(r["occlusion"]["random/0.5"]), f"{pct(r['occlusion']['salient/0.5'])} / "
-            f"{pct(r['occlusion']['non_salient/0.5'])}", f"{pct(r['lesion']['1'])} / {pct(r['lesion']['4'])}",
+            f"{pct(r['occlusion']['non_salient/0.5'])}", f"{pct(r['lesion']['1'])} / {pct(r['lesion'][most])} ({most})",
             f"{pct(worst[1])} at {worst[0]} pi", f"{r['erf']['ratio_0.2']:.3f}",
             "-" if ka is None else f"{ka['distance']:.2f} ({ka['distance_norm']:.2f})"]) + " |")
     sweep = ["| first-stage K | clean (full val) | clean | mCE |", "|---|---|---|---|"]

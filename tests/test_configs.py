@@ -61,7 +61,7 @@ def test_lk_robustness_tables_have_one_row_per_model_and_kernel(monkeypatch):
     occ = {f"{m}/{v}": 0.2 for m in ("random", "salient", "non_salient") for v in (0.5,)}
     model = {"clean_top1": 0.5, "mean_corrupted_top1": 0.3, "mce": 0.9, "relative_mce": None,
              "fgsm_acc": {f"{e:g}": 0.1 for e in lk.FGSM_EPS}, "pgd_acc": {f"{e:g}": 0.1 for e in lk.PGD_EPS},
-             "occlusion": occ, "frequency_drop": {"0.00": 0.01, "0.70": 0.04}, "lesion": {"1": 0.4, "4": 0.3},
+             "occlusion": occ, "frequency_drop": {"0.00": 0.01, "0.70": 0.04}, "lesion": {"0": 0.5, "1": 0.4, "2": 0.3},
              "erf": {"ratio_0.2": 0.1}}
     results = {"models": {"a": model, "b": {**model, "kernel_attention": {"distance": 3.0, "distance_norm": 0.5}}},
                "kernel_sweep": [{"kernel": 3, "clean_top1": 0.4, "mce": 1.0, "run": "sweep_3"}]}
@@ -69,4 +69,5 @@ def test_lk_robustness_tables_have_one_row_per_model_and_kernel(monkeypatch):
     lines = table.splitlines()
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[2].startswith("| a | 60.0 | 50.0 |") and "4.0 at 0.70 pi" in lines[2] and "3.00 (0.50)" in lines[3]
+    assert "40.0 / 30.0 (2)" in lines[2]  # lesion: one block, every removable block
     assert sweep.splitlines()[2] == "| 3 | 45.0 | 40.0 | 100.0 |"
