@@ -3,6 +3,7 @@
     python experiments/bench_models.py                 # all rows, CPU, float32 (~30 min on 2 quiet cores)
     python experiments/bench_models.py --quick         # tiny variants, 1 round: a smoke test (seconds per row)
     python experiments/bench_models.py --only resnet20,repvgg_a0 --rounds 5
+    python experiments/bench_models.py --only resnet20 --rounds 3 --iters 3 --update   # re-measure one row in place
     python experiments/bench_models.py --dtype bf16 --torch-device cuda    # on a GPU (experiments/bench_gpu.sh)
 
 For each row: the repjax model from the registry (`repjax.models.create`) and its PyTorch reference
@@ -376,6 +377,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def updated(path: pathlib.Path, new: dict) -> dict:
+    """The report at `path` with `new`'s rows put in place of those with the same label (appended otherwise);
+    each replaced or added row records the command that measured it, and the settings must agree."""
+    if not path.exists():
+        raise SystemExit(f"--update: no {path} to update")
+    old = json.loads(path.read_text())
+    keys = ("backend", "torch_device", "dtype", "torch_threads", "rounds", "iters_per_round", "quick")
+    if {k: old.get(k) for k in keys} != {k: new[k] for k in keys}:
+        raise SystemExit(f"--update: {path} was measured with other settings "
+                         f"({ {k: old.get(k) for k in keys} } vs { {k: new[k] for k in keys} })")
+    rows_ = {r["model"]: r for r in old["rows"]}
+    for r in new["rows"]:
+        rows_[r["model"]] = {**r, "command": new["command"]}
+    merged = list(rows_.values())
+    return {**old, "rows": merged, "repopt_over_repvgg": pairs(merged),
+            "updates": [*old.get("updates", []), {"command": new["command"], "rows": [r["model"] for r in new["rows"]],
+                                                  "seconds": new["seconds"]}]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny variants and sizes, 1 round, 1 step per burst")
@@ -386,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA:CPU uses every core)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the measured rows (same label) in an existing --out/results.json")
     args = ap.parse_args(argv)
     import torch
 
@@ -413,6 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
               "memory": {"repjax": "XLA memory_analysis of the compiled program (args + outputs - aliases + temps)",
                          "torch": "live tensors before the step + peak allocator balance (torch.profiler)"},
               "seconds": time.time() - t0, "rows": results, "repopt_over_repvgg": pairs(results)}
+    if args.update:
+        report = updated(args.out / "results.json", report)
+        results = report["rows"]
     print(table(results))
     for p in report["repopt_over_repvgg"]:
         print(f"RepOpt/RepVGG training speed ({p['group']}): repjax {p['repjax_repopt_over_repvgg']:.2f}, "

@@ -104,3 +104,28 @@ def test_profile_step_names_each_thunk_by_its_layer():
     assert profile_step.source({"op_name": "jit(step)/jvp(Net)/stages_0_1/norm/rsqrt", "opcode": "fusion"}) == \
         "norm/rsqrt"
     assert profile_step.source({"op_name": "", "opcode": "copy"}) == "(copy)"
+
+
+def test_bench_models_update_replaces_rows_in_place(tmp_path, monkeypatch):
+    """--update: a re-measured row replaces the row of the same label (others kept, order kept, the command
+    recorded); a report measured with other settings is refused."""
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", module)
+    spec.loader.exec_module(module)
+    settings = dict(backend="cpu", torch_device="cpu", dtype="fp32", torch_threads=2, rounds=3, iters_per_round=3,
+                    quick=False)
+    rows = [{"model": m, "group": None, "train_ratio": 0.5} for m in ("a", "b")]
+    (tmp_path / "results.json").write_text(json.dumps({**settings, "command": "all", "rows": rows}))
+    new = {**settings, "command": "--only b", "seconds": 1.0, "rows": [{"model": "b", "group": None, "train_ratio": 2}]}
+    merged = module.updated(tmp_path / "results.json", new)
+    assert [(r["model"], r["train_ratio"]) for r in merged["rows"]] == [("a", 0.5), ("b", 2)]
+    assert merged["rows"][1]["command"] == "--only b" and merged["updates"][0]["rows"] == ["b"]
+    with pytest.raises(SystemExit, match="other settings"):
+        module.updated(tmp_path / "results.json", {**new, "rounds": 5})
