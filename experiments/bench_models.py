@@ -1,6 +1,7 @@
 """Training and inference speed of every model family: repjax against the same architecture in PyTorch.
 
     python experiments/bench_models.py                 # all rows, CPU, float32 (~30 min on 2 quiet cores)
+                                                       # -> results.json, ratios.png, table.md (the README's)
     python experiments/bench_models.py --quick         # tiny variants, 1 round: a smoke test (seconds per row)
     python experiments/bench_models.py --only resnet20,repvgg_a0 --rounds 5
     python experiments/bench_models.py --only resnet20 --rounds 3 --iters 3 --update   # re-measure one row in place
@@ -377,6 +378,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The README table: images/s, ratios (bold where >= 1), training memory, and the RepOpt/RepVGG pairs."""
+    def f(v: float | None, spec: str = ".1f", bold: bool = False) -> str:
+        return "-" if v is None else f"**{v:{spec}}**" if bold and v >= 1 else f"{v:{spec}}"
+
+    lines = ["| model (batch) | repjax train | PyTorch train | ratio | repjax infer | PyTorch infer | ratio | "
+             "MB repjax / PyTorch |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        mb = (f"{r['repjax_train_peak_mb']:.0f} / {r['torch_train_peak_mb']:.0f}" if r.get("repjax_train_peak_mb")
+              else f"{r['repjax_infer_peak_mb']:.0f} / {r['torch_infer_peak_mb']:.0f} (infer)")
+        lines.append(f"| {r['model']} ({r['batch']}) | {f(r['repjax_train_img_s'])} | {f(r['torch_train_img_s'])} | "
+                     f"{f(r['train_ratio'], '.2f', True)} | {f(r['repjax_infer_img_s'])} | "
+                     f"{f(r['torch_infer_img_s'])} | {f(r['infer_ratio'], '.2f', True)} | {mb} |")
+    pairs_ = [f"- RepOpt-VGG / RepVGG training speed ({p['group']}): repjax {p['repjax_repopt_over_repvgg']:.2f}x, "
+              f"PyTorch {p['torch_repopt_over_repvgg']:.2f}x" for p in report["repopt_over_repvgg"]]
+    return "\n".join(lines) + ("\n\n" + "\n".join(pairs_) if pairs_ else "") + "\n"
+
+
 def updated(path: pathlib.Path, new: dict) -> dict:
     """The report at `path` with `new`'s rows put in place of those with the same label (appended otherwise);
     each replaced or added row records the command that measured it, and the settings must agree."""
@@ -445,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(results, args.out / "ratios.png")
+    (args.out / "table.md").write_text(markdown(report))
     return report
 
 

@@ -103,7 +103,7 @@ def jax_profile(fn, args, steps: int, batch: int) -> list[dict]:
                         totals[ev.name] += ev.duration_ns
     total = sum(totals.values())
     return [{"name": k, "share": v / total, "ms_per_step": v / 1e6 / steps, **index[k],
-             "category": category(k, index[k], batch), "source": source(index[k])}
+             "category": category(k, index[k], batch), "source": source(k, index[k])}
             for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
@@ -114,13 +114,14 @@ def by_category(rows: list[dict], key: str = "category") -> dict[str, float]:
     return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
 
 
-def source(info: dict[str, str]) -> str:
+def source(name: str, info: dict[str, str]) -> str:
     """`module/primitive` a thunk came from, e.g. `norm/rsqrt`, `pwconv1/dot_general`, `lk/fft` (the last two
     components of its JAX op name without the jit(...)/jvp(...)/transpose(...) wrappers; block indices dropped,
-    so the same layer of every block adds up). Fusions take the name of their root op."""
+    so the same layer of every block adds up). Fusions take the name of their root op; a thunk XLA made up
+    without an op name (a layout copy between two ops) is `(its instruction kind)`, e.g. `(transpose_copy_fusion)`."""
     names = [p for p in info["op_name"].split("/") if p and not re.fullmatch(r"\w+\(.*\)", p)]
     parts = [re.sub(r"_\d+(_\d+)*$", "", p) for p in names]
-    return "/".join(parts[-2:]) if parts else f"({info['opcode']})"
+    return "/".join(parts[-2:]) if parts else "(" + re.sub(r"[.]\d+$", "", name) + ")"
 
 
 def torch_profile(step, steps: int) -> list[dict]:

@@ -60,6 +60,8 @@ def test_bench_models_quick_writes_rows(tmp_path, monkeypatch):
         assert keys <= set(row) and row["params"] == row["torch_params"]
         assert row["train_ratio"] > 0 and row["infer_ratio"] > 0 and row["torch_train_peak_mb"] > 0
     assert report["repopt_over_repvgg"] == [] and (tmp_path / "ratios.png").exists()  # one side of the pair only
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| repopt_vgg tiny-arch target (pair) (4) |")
 
 
 def test_torch_vit_reference_matches_the_parameter_count():
@@ -99,11 +101,12 @@ def test_profile_step_names_each_thunk_by_its_layer():
     x, w = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
     index = profile_step.hlo_index(jax.jit(jax.grad(loss)).lower(x, w).compile().as_text())
     convs = [i for i in index.values() if "conv_general_dilated" in i["op_name"]]
-    assert convs and {profile_step.source(i) for i in convs} == {"conv/conv_general_dilated"}
+    assert convs and {profile_step.source("", i) for i in convs} == {"conv/conv_general_dilated"}
     assert "conv input grad" in {profile_step.category("", i, 4) for i in convs}
-    assert profile_step.source({"op_name": "jit(step)/jvp(Net)/stages_0_1/norm/rsqrt", "opcode": "fusion"}) == \
-        "norm/rsqrt"
-    assert profile_step.source({"op_name": "", "opcode": "copy"}) == "(copy)"
+    assert profile_step.source("f.3", {"op_name": "jit(step)/jvp(Net)/stages_0_1/norm/rsqrt", "opcode": "fusion"}) \
+        == "norm/rsqrt"
+    assert profile_step.source("transpose_copy_fusion.45", {"op_name": "", "opcode": "fusion"}) == \
+        "(transpose_copy_fusion)"
 
 
 def test_bench_models_update_replaces_rows_in_place(tmp_path, monkeypatch):
