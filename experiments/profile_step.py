@@ -44,13 +44,22 @@ _OPNAME = re.compile(r'op_name="([^"]+)"')
 
 
 def hlo_index(hlo_text: str) -> dict[str, dict[str, str]]:
-    """instruction name -> {opcode, shape, op_name} from compiled HLO text (entry and nested computations)."""
-    out = {}
+    """instruction name -> {opcode, shape, op_name} from compiled HLO text (entry and nested computations).
+
+    A fusion without an op name whose only trace is the bitcast reading it (XLA:CPU's YNNPACK fusion of a
+    convolution's weight gradient carries its op name on that bitcast) takes the bitcast's op name."""
+    out, bitcasts = {}, []
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if m:
             op = _OPNAME.search(line)
             out[m.group(1)] = {"opcode": m.group(3), "shape": m.group(2), "op_name": op.group(1) if op else ""}
+            operand = re.search(r" bitcast\(%?([\w.\-]+)\)", line)
+            if operand and op:
+                bitcasts.append((operand.group(1), op.group(1)))
+    for name, op_name in bitcasts:
+        if name in out and not out[name]["op_name"]:
+            out[name]["op_name"] = op_name
     return out
 
 
@@ -137,9 +146,10 @@ def torch_profile(step, steps: int) -> list[dict]:
              "calls_per_step": a.count / steps} for a in sorted(avgs, key=lambda a: -a.self_cpu_time_total)]
 
 
-def model_step(name: str, batch: int, size: int):
-    """(jitted step, args, model) of the repjax training step of registry model `name` (SGD momentum 0.9)."""
-    model = models.create(name)
+def model_step(name: str, batch: int, size: int, kwargs: dict | None = None):
+    """(jitted step, args, model) of the repjax training step of registry model `name(**kwargs)` (SGD momentum
+    0.9)."""
+    model = models.create(name, **(kwargs or {}))
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32),
             "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
@@ -208,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"image_size": 64}\'')
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
     args = ap.parse_args(argv)
     import torch
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         label = f"dwconv_{args.method}_n{args.batch}_{args.size}px_c{args.channels}_k{args.kernel}"
         jrows = jax_profile(fn, fargs, args.steps, args.batch)
     else:
-        fn, (state, data), model = model_step(args.target, args.batch, args.size)
+        fn, (state, data), model = model_step(args.target, args.batch, args.size, args.model_kwargs)
         tstep = None if args.no_torch else torch_model_step(model, args.batch, args.size)
         label = f"{args.target}_n{args.batch}_{args.size}px"
         jrows = jax_profile(fn, (state, data), args.steps, args.batch)
