@@ -1,0 +1,153 @@
+"""Single-op probes behind the speed changes and dead ends of `bench_models` on XLA:CPU, each form side by side.
+
+    python experiments/xla_cpu_probes.py [--repeats 7]   # -> experiments/results/xla_cpu_probes.json
+
+- small_maps: a dense 3x3 convolution where the input or output map is smaller than the kernel, XLA's
+  convolution against `repjax.nn.im2col.patches_conv` (forward, input gradient, kernel gradient);
+  larger maps for contrast. Why `repjax.nn.conv.Conv` routes those maps to patches.
+- gelu: `jax.nn.gelu(approximate=False)` (erfc form) against `repjax.nn.activations.gelu` (erf form).
+- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (a dead end: not faster).
+- dw_kernel_grad: the K=3 depthwise kernel gradient as one reduction per tap over (N, H, W) against a
+  matrix-vector product with ones (a dead end: not faster).
+Times are the minimum over `repeats` calls after a warm-up (ms), measured in one process one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from repjax.nn.activations import gelu  # noqa: E402
+from repjax.nn.im2col import patches_conv  # noqa: E402
+
+DN = ("NHWC", "HWIO", "NHWC")
+PAD = ((1, 1), (1, 1))
+
+
+def timed(fn: Callable, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def normal(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+def small_maps(repeats: int) -> list[dict]:
+    out = []
+    for n, s, cin, cout, stride in [(64, 2, 256, 256, 1), (64, 1, 256, 256, 1), (32, 4, 192, 1280, 2),
+                                    (64, 3, 256, 256, 1), (32, 8, 128, 128, 1)]:
+        x, w = normal((n, s, s, cin), 0), normal((3, 3, cin, cout), 1, 0.05)
+        row = {"input": [n, s, s, cin], "kernel": [3, 3, cin, cout], "stride": stride}
+        strides = (stride, stride)
+        xla = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=PAD, dimension_numbers=DN)
+        for name, conv in (("xla", xla), ("patches", functools.partial(patches_conv, strides=strides, padding=PAD))):
+            loss = functools.partial(lambda a, b, f: jnp.sum(f(a, b) ** 2), f=conv)
+            row[f"{name}_fwd_ms"] = timed(jax.jit(conv), x, w, repeats=repeats)
+            row[f"{name}_dx_ms"] = timed(jax.jit(jax.grad(loss, 0)), x, w, repeats=repeats)
+            row[f"{name}_dw_ms"] = timed(jax.jit(jax.grad(loss, 1)), x, w, repeats=repeats)
+        oh = -(-s // stride)
+        row["xla_fwd_gflops"] = 2 * n * oh * oh * 9 * cin * cout / row["xla_fwd_ms"] / 1e6
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def fwd_bwd(fn: Callable, x: jax.Array, repeats: int) -> dict[str, float]:
+    g = normal(x.shape, 9)
+    return {"fwd_ms": timed(jax.jit(fn), x, repeats=repeats),
+            "fwd_bwd_ms": timed(jax.jit(jax.grad(lambda a: jnp.vdot(fn(a), g))), x, repeats=repeats)}
+
+
+def gelu_forms(repeats: int) -> dict:
+    x = normal((32, 16, 16, 192), 0, 2.0)
+    out = {"shape": list(x.shape), "erfc_jax_nn": fwd_bwd(lambda a: jax.nn.gelu(a, approximate=False), x, repeats),
+           "erf_repjax": fwd_bwd(gelu, x, repeats)}
+    print(out, flush=True)
+    return out
+
+
+@jax.custom_vjp
+def _normalize(x: jax.Array) -> jax.Array:
+    return _normalize_fwd(x)[0]
+
+
+def _normalize_fwd(x):
+    xc = x - x.mean(-1, keepdims=True)
+    r = lax.rsqrt((xc * xc).mean(-1, keepdims=True) + 1e-6)
+    return xc * r, (xc * r, r)
+
+
+def _normalize_bwd(res, g):
+    xh, r = res  # d/dx of (x - mean) / std: r * (g - mean(g) - xh * mean(g * xh))
+    return (r * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True)),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def layernorm_forms(repeats: int) -> dict:
+    x = normal((32, 16, 16, 48), 0)
+    ln = nn.LayerNorm(1e-6)
+    v = ln.init(jax.random.key(0), x)
+    scale, bias = v["params"]["scale"], v["params"]["bias"]
+    out = {"shape": list(x.shape), "flax": fwd_bwd(lambda a: ln.apply(v, a), x, repeats),
+           "custom_vjp": fwd_bwd(lambda a: _normalize(a) * scale + bias, x, repeats)}
+    print(out, flush=True)
+    return out
+
+
+def dw_kernel_grad(repeats: int) -> dict:
+    n, h, c, k = 8, 56, 96, 3
+    x, dy = normal((n, h, h, c), 0), normal((n, h, h, c), 1)
+
+    def taps(a):
+        ap = jnp.pad(a, ((0, 0), (k // 2,) * 2, (k // 2,) * 2, (0, 0)))
+        return [ap[:, u:u + h, v:v + h, :] for u in range(k) for v in range(k)]
+
+    reduce_form = jax.jit(lambda a, b: jnp.stack([jnp.sum(t * b, (0, 1, 2)) for t in taps(a)]))
+    ones = jnp.ones((n * h * h,), jnp.float32)
+    gemv_form = jax.jit(lambda a, b: jnp.stack([ones @ (t * b).reshape(-1, c) for t in taps(a)]))
+    forward = jax.jit(lambda a, w: sum(t * w[i] for i, t in enumerate(taps(a))))
+    out = {"shape": [n, h, h, c], "kernel": k, "reduce_ms": timed(reduce_form, x, dy, repeats=repeats),
+           "gemv_ms": timed(gemv_form, x, dy, repeats=repeats),
+           "forward_ms": timed(forward, x, jnp.ones((k * k, c)), repeats=repeats)}
+    print(out, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", type=pathlib.Path, default=REPO / "experiments/results/xla_cpu_probes.json")
+    args = ap.parse_args(argv)
+    report = {"command": "python experiments/xla_cpu_probes.py " + " ".join(argv or sys.argv[1:]),
+              "jax_version": jax.__version__, "backend": jax.default_backend(),
+              "small_maps": small_maps(args.repeats), "gelu": gelu_forms(args.repeats),
+              "layernorm": layernorm_forms(args.repeats), "dw_kernel_grad": dw_kernel_grad(args.repeats)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
