@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline_json = str(out / "imagenette_c_resnet_baseline.json")
     for name, c in runs.items():
         results["models"][name] = evaluate_cached(name, c, workdirs[name], args, out, baseline_json, corruptions,
-                                           severities, True)
+                                                  severities, True)
     results["kernel_sweep"] = []
     for k, c in sweep.items():
         r = results["models"][alias[k]] if alias[k] else evaluate_cached(
