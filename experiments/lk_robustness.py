@@ -130,7 +130,8 @@ def evaluate_cached(name: str, c: Any, workdir: pathlib.Path, args: argparse.Nam
     """`evaluate`, kept in out/models/<name>.json with what it was computed from (the run's config, its last
     step, the analysis settings): an interrupted evaluation phase restarts at the first model not finished, and
     a result from another run or other settings is never reused."""
-    key = {"config": c.to_dict(), "last_step": max((r.get("step", 0) for r in read_metrics(workdir)), default=0),
+    config = json.loads(json.dumps(c.to_dict()).replace(str(IMAGENETTE), "../shared/data/imagenette"))  # portable
+    key = {"config": config, "last_step": max((r.get("step", 0) for r in read_metrics(workdir)), default=0),
            "images": args.images, "quick": args.quick, "baseline": baseline and pathlib.Path(baseline).read_text(),
            "corruptions": list(corruptions), "severities": list(severities), "full": full}
     path = out / "models" / f"{name}.json"
