@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repjax.bench import best_seconds
 from repjax.nn.dwconv import choose, choose_piecewise, depthwise_conv, expand_piecewise, piecewise_conv
 from repjax.projects.pelk.peripheral import sharing_grid
 
@@ -49,19 +50,9 @@ def shapes(quick: bool) -> list[dict]:
     return rows
 
 
-def _time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
 def _jax_runner(conv, x, w, g, repeats):
     step = jax.jit(jax.grad(lambda a, b: jnp.vdot(conv(a, b), g), argnums=(0, 1)))
-    return _time(step, (x, w), repeats)
+    return best_seconds(step, x, w, repeats=repeats)
 
 
 def _data(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

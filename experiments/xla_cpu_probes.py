@@ -19,7 +19,6 @@ import functools
 import json
 import pathlib
 import sys
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ from jax import lax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from repjax.bench import best_seconds  # noqa: E402
 from repjax.nn.activations import gelu  # noqa: E402
 from repjax.nn.im2col import patches_conv  # noqa: E402
 
@@ -39,13 +39,7 @@ PAD = ((1, 1), (1, 1))
 
 
 def timed(fn: Callable, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
+    return 1e3 * best_seconds(fn, *args, repeats=repeats)
 
 
 def normal(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> jax.Array:

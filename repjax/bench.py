@@ -43,6 +43,18 @@ def images_per_second(fn: Callable[[], Any], n: int, images: int) -> float:
     return n * images / (time.perf_counter() - start)
 
 
+def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Fastest of `repeats` blocking calls `fn(*args)` after one warm-up call (compile): the project's one
+    single-op timer, for probes where the minimum is the figure (interleave rounds for model throughput)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _batch(batch: int, image_shape: tuple[int, ...], num_classes: int) -> dict[str, jax.Array]:
     rng = np.random.default_rng(0)
     return {"image": jnp.asarray(rng.normal(size=(batch, *image_shape)), jnp.float32),

@@ -150,3 +150,10 @@ def test_profile_step_gives_an_op_less_fusion_the_op_name_of_its_bitcast():
     info = profile_step.hlo_index(hlo)["ynn_fusion"]
     assert info["op_name"].endswith("stage1/conv/conv_general_dilated")
     assert profile_step.category("ynn_fusion", info, batch=8) == "conv weight grad"
+
+
+def test_best_seconds_warms_up_and_keeps_the_fastest_call(monkeypatch):
+    calls, clock = [], iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # bursts of 3, 1 and 2 seconds
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.best_seconds(lambda x: calls.append(x) or x, 7, repeats=3) == 1.0
+    assert calls == [7] * 4  # one warm-up call, then the timed ones
