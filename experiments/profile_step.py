@@ -116,7 +116,8 @@ def jax_profile(fn, args, steps: int, batch: int) -> list[dict]:
             for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
-def by_category(rows: list[dict], key: str = "category") -> dict[str, float]:
+def shares(rows: list[dict], key: str = "category") -> dict[str, float]:
+    """Summed share of the step per value of `key` (`category` or `source`), largest first."""
     acc: dict[str, float] = collections.defaultdict(float)
     for r in rows:
         acc[r[key]] += r["share"]
@@ -237,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         jrows = jax_profile(fn, (state, data), args.steps, args.batch)
     trows = torch_profile(tstep, args.steps) if tstep else []
     report = {"target": label, "command": "python experiments/profile_step.py " + " ".join(argv or sys.argv[1:]),
-              "repjax_by_category": by_category(jrows),
-              "repjax_by_source": dict(list(by_category(jrows, "source").items())[: args.top]),
+              "repjax_by_category": shares(jrows),
+              "repjax_by_source": dict(list(shares(jrows, "source").items())[: args.top]),
               "repjax_ops": jrows[: args.top],
               "torch_ops": trows[: args.top], "repjax_all_ops": jrows, "seconds": time.time() - t0}
     print(f"== repjax {label}: share of summed thunk time by category")

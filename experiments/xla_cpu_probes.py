@@ -6,9 +6,9 @@
   convolution against `repjax.nn.im2col.patches_conv` (forward, input gradient, kernel gradient);
   larger maps for contrast. Why `repjax.nn.conv.Conv` routes those maps to patches.
 - gelu: `jax.nn.gelu(approximate=False)` (erfc form) against `repjax.nn.activations.gelu` (erf form).
-- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (a dead end: not faster).
-- dw_kernel_grad: the K=3 depthwise kernel gradient as one reduction per tap over (N, H, W) against a
-  matrix-vector product with ones (a dead end: not faster).
+- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (about 10% faster: not adopted).
+- dw_kernel_grad: `shift`'s K=3 depthwise kernel gradient (a reduction per tap over N, H, W) against the same
+  sums as matrix-vector products with ones (a dead end: slower).
 Times are the minimum over `repeats` calls after a warm-up (ms), measured in one process one after another.
 """
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from repjax.bench import best_seconds  # noqa: E402
 from repjax.nn.activations import gelu  # noqa: E402
+from repjax.nn.dwconv import depthwise_conv  # noqa: E402
 from repjax.nn.im2col import patches_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -111,20 +112,24 @@ def layernorm_forms(repeats: int) -> dict:
 
 
 def dw_kernel_grad(repeats: int) -> dict:
+    """`shift`'s own kernel gradient (one reduction per tap over N, H, W; `repjax.nn.dwconv.shift`) against the
+    same sums as matrix-vector products with ones, and `shift`'s forward for scale."""
     n, h, c, k = 8, 56, 96, 3
     x, dy = normal((n, h, h, c), 0), normal((n, h, h, c), 1)
-
-    def taps(a):
-        ap = jnp.pad(a, ((0, 0), (k // 2,) * 2, (k // 2,) * 2, (0, 0)))
-        return [ap[:, u:u + h, v:v + h, :] for u in range(k) for v in range(k)]
-
-    reduce_form = jax.jit(lambda a, b: jnp.stack([jnp.sum(t * b, (0, 1, 2)) for t in taps(a)]))
+    w = normal((k, k, 1, c), 2, 0.1)
+    # x and dy are arguments: closed over, they would be constants and XLA would fold the whole gradient
+    shift_kgrad = jax.jit(jax.grad(lambda b, a, g: jnp.vdot(depthwise_conv(a, b, "shift"), g)))
     ones = jnp.ones((n * h * h,), jnp.float32)
-    gemv_form = jax.jit(lambda a, b: jnp.stack([ones @ (t * b).reshape(-1, c) for t in taps(a)]))
-    forward = jax.jit(lambda a, w: sum(t * w[i] for i, t in enumerate(taps(a))))
-    out = {"shape": [n, h, h, c], "kernel": k, "reduce_ms": timed(reduce_form, x, dy, repeats=repeats),
-           "gemv_ms": timed(gemv_form, x, dy, repeats=repeats),
-           "forward_ms": timed(forward, x, jnp.ones((k * k, c)), repeats=repeats)}
+
+    def gemv_form(a, b):
+        ap = jnp.pad(a, ((0, 0), (k // 2,) * 2, (k // 2,) * 2, (0, 0)))
+        taps = [ap[:, u:u + h, v:v + h, :] * b for u in range(k) for v in range(k)]
+        return jnp.stack([ones @ t.reshape(-1, c) for t in taps]).reshape(k, k, 1, c)
+
+    np.testing.assert_allclose(gemv_form(x, dy), shift_kgrad(w, x, dy), rtol=1e-3, atol=1e-2)  # the same sums
+    out = {"shape": [n, h, h, c], "kernel": k, "shift_kernel_grad_ms": timed(shift_kgrad, w, x, dy, repeats=repeats),
+           "gemv_ms": timed(jax.jit(gemv_form), x, dy, repeats=repeats),
+           "shift_forward_ms": timed(jax.jit(lambda a, b: depthwise_conv(a, b, "shift")), x, w, repeats=repeats)}
     print(out, flush=True)
     return out
 

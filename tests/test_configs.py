@@ -71,3 +71,33 @@ def test_lk_robustness_tables_have_one_row_per_model_and_kernel(monkeypatch):
     assert lines[2].startswith("| a | 60.0 | 50.0 |") and "4.0 at 0.70 pi" in lines[2] and "3.00 (0.50)" in lines[3]
     assert "40.0 / 30.0 (2)" in lines[2]  # lesion: one block, every removable block
     assert sweep.splitlines()[2] == "| 3 | 45.0 | 40.0 | 100.0 |"
+
+
+def test_lk_robustness_keeps_analyses_only_for_the_same_run_and_settings(monkeypatch, tmp_path):
+    """evaluate_cached: a second call with the same run, step and settings reuses the kept result; another
+    image count, a newer step or a missing Imagenette-C table recomputes it."""
+    lk = _script("lk_robustness", monkeypatch)
+    calls, step = [], {"now": 10}
+    monkeypatch.setattr(lk, "read_metrics", lambda workdir: [{"step": step["now"]}])
+
+    def fake_evaluate(name, c, workdir, args, out, baseline, corruptions, severities, full):
+        calls.append(args.images)
+        (out / f"imagenette_c_{name}.json").write_text("{}")
+        return {"clean_top1": 0.5}
+
+    monkeypatch.setattr(lk, "evaluate", fake_evaluate)
+    config = lk.make_config("resnet20", {}, types.SimpleNamespace(image_size=32, batch=16), 6)
+
+    def run(images):
+        args = types.SimpleNamespace(images=images, quick=True)
+        return lk.evaluate_cached("m", config, tmp_path, args, tmp_path, None, ("fog",), (3,), False)
+
+    assert run(40) == run(40) == {"clean_top1": 0.5} and calls == [40]
+    run(30)
+    step["now"] = 11
+    run(30)
+    (tmp_path / "imagenette_c_m.json").unlink()
+    run(30)
+    assert calls == [40, 30, 30, 30]
+    kept = (tmp_path / "models" / "m.json").read_text()
+    assert str(lk.IMAGENETTE) not in kept and "folder:../shared/data/imagenette" in kept  # no machine path
