@@ -5,10 +5,12 @@
 
 Every runner computes y = conv(x, k) and the gradients of <y, g> w.r.t. x and the kernel (theta for the piecewise
 rows), jitted (torch: eager), timed with block_until_ready, best of `repeats` after warm-up (the machine is
-shared: the minimum is the least disturbed run, taken alike for every framework). XLA's grouped conv and
-PyTorch are so slow at large K that they are timed on a slice of the batch (and of the channels
-when one image still costs more than BUDGET_MACS); their time is then scaled linearly by (N*C)/(n*c) -- every
-group/image is independent work -- and the row says so ('scaled'). Ratios are per full batch, measured in one run.
+shared: the minimum is the least disturbed run, taken alike for every framework). The repjax algorithms of a row
+take turns round by round (`repjax.bench.fastest_interleaved`), so none is favoured by its place in the order;
+'auto' is the time of the algorithm it chooses (the same program). XLA's grouped conv and PyTorch are so slow at
+large K that they are timed on a slice of the batch (and of the channels when one image still costs more than
+BUDGET_MACS); their time is then scaled linearly by (N*C)/(n*c) -- every group/image is independent work -- and
+the row says so ('scaled'). Ratios are per full batch, measured in one run.
 PeLK-T conv channels: int(3/8 * w) of widths int(1.3 * [96,192,384,768]) = [124,249,499,998] -> [46,93,187,374];
 PeLK-101 at 384: int(3/8 * 166) = 62 channels on 96x96. Peripheral grids follow spec Eq. 2 (outer cell clipped).
 """
@@ -16,6 +18,7 @@ PeLK-101 at 384: int(3/8 * 166) = 62 channels on 96x96. Peripheral grids follow 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import subprocess
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repjax.bench import best_seconds
+from repjax.bench import best_seconds, fastest_interleaved
 from repjax.nn.dwconv import choose, choose_piecewise, depthwise_conv, expand_piecewise, piecewise_conv
 from repjax.projects.pelk.peripheral import sharing_grid
 
@@ -50,9 +53,10 @@ def shapes(quick: bool) -> list[dict]:
     return rows
 
 
-def _jax_runner(conv, x, w, g, repeats):
-    step = jax.jit(jax.grad(lambda a, b: jnp.vdot(conv(a, b), g), argnums=(0, 1)))
-    return best_seconds(step, x, w, repeats=repeats)
+def _jax_step(conv, x, w, g):
+    """One jitted forward+backward call; g is an argument (closed over, XLA could fold it as a constant)."""
+    step = jax.jit(jax.grad(lambda a, b, c: jnp.vdot(conv(a, b), c), argnums=(0, 1)))
+    return functools.partial(step, x, w, g)
 
 
 def _data(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,13 +126,15 @@ def bench(row: dict, repeats: int, torch_ms: float) -> list[dict]:
     rng = np.random.default_rng(1)
     x, g, w = (jnp.asarray(a) for a in _data(row))
     out = {"shape": row["name"], "path": "dense", "auto_choice": choose(x.shape, w.shape), "ms": {}}
-    methods = ["auto", "fft"] + (["shift"] if k <= 13 else []) + (["matmul"] if row["h"] ** 2 <= 256 else [])
-    for m in methods:
-        out["ms"][m] = 1e3 * _jax_runner(lambda a, b, m=m: depthwise_conv(a, b, m), x, w, g, repeats)
+    methods = ["fft"] + (["shift"] if k <= 13 else []) + (["matmul"] if row["h"] ** 2 <= 256 else [])
+    methods += [out["auto_choice"]] if out["auto_choice"] not in methods else []
+    steps = {m: _jax_step(lambda a, b, m=m: depthwise_conv(a, b, m), x, w, g) for m in methods}
+    out["ms"].update({m: 1e3 * s for m, s in fastest_interleaved(steps, repeats).items()})
+    out["ms"]["auto"] = out["ms"][out["auto_choice"]]  # the same program: timed once
     xs, gs, ws, sl = (jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in _sliced(row))
     out["baseline_slice"] = sl
     rep_b = max(1, repeats - 1) if sl["scale"] > 1 else repeats
-    native_ms = 1e3 * _jax_runner(lambda a, b: depthwise_conv(a, b, "native"), xs, ws, gs, rep_b)
+    native_ms = 1e3 * best_seconds(_jax_step(lambda a, b: depthwise_conv(a, b, "native"), xs, ws, gs), repeats=rep_b)
     out["ms"]["xla_native"], out["ms"]["torch"] = sl["scale"] * native_ms, torch_ms
     results = [out]
     if row["grid"]:
@@ -136,8 +142,11 @@ def bench(row: dict, repeats: int, torch_ms: float) -> list[dict]:
         theta = jnp.asarray(rng.standard_normal((len(sizes), len(sizes), 1, c)) * 0.05, jnp.float32)
         pw = {"shape": row["name"], "path": f"piecewise k'={len(sizes)}", "grid": list(sizes),
               "auto_choice": choose_piecewise(x.shape, sizes), "ms": {}, "baseline_slice": out["baseline_slice"]}
-        for m in ("auto", "fft", "boxsum") + (("matmul",) if row["h"] ** 2 <= 256 else ()):
-            pw["ms"][m] = 1e3 * _jax_runner(lambda a, t, m=m: piecewise_conv(a, t, sizes, m), x, theta, g, repeats)
+        methods = ("fft", "boxsum") + (("matmul",) if row["h"] ** 2 <= 256 else ())
+        methods += (pw["auto_choice"],) if pw["auto_choice"] not in methods else ()
+        steps = {m: _jax_step(lambda a, t, m=m: piecewise_conv(a, t, sizes, m), x, theta, g) for m in methods}
+        pw["ms"].update({m: 1e3 * s for m, s in fastest_interleaved(steps, repeats).items()})
+        pw["ms"]["auto"] = pw["ms"][pw["auto_choice"]]
         # baselines convolve the expanded dense kernel: same cost as the dense row (the expansion is negligible)
         pw["ms"]["xla_native"], pw["ms"]["torch"] = out["ms"]["xla_native"], out["ms"]["torch"]
         results.append(pw)
@@ -183,7 +192,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds), for smoke tests")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
     ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine (experiments/bench_gpu.sh)")
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)

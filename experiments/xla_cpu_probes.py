@@ -6,10 +6,11 @@
   convolution against `repjax.nn.im2col.patches_conv` (forward, input gradient, kernel gradient);
   larger maps for contrast. Why `repjax.nn.conv.Conv` routes those maps to patches.
 - gelu: `jax.nn.gelu(approximate=False)` (erfc form) against `repjax.nn.activations.gelu` (erf form).
-- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (about 10% faster: not adopted).
-- dw_kernel_grad: `shift`'s K=3 depthwise kernel gradient (a reduction per tap over N, H, W) against the same
-  sums as matrix-vector products with ones (a dead end: slower).
-Times are the minimum over `repeats` calls after a warm-up (ms), measured in one process one after another.
+- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (faster alone; not adopted, see
+  the README).
+- dw_kernel_grad: `shift`'s K=3 depthwise kernel gradient (a reduction per tap over N, H, W) in one pass over the
+  batch, in cache-sized chunks (what `shift` does), and as matrix-vector products with ones (a dead end).
+Times are the minimum over `repeats` calls after warm-up calls (ms); dw_kernel_grad's forms take turns.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from jax import lax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repjax.bench import best_seconds  # noqa: E402
+from repjax.bench import best_seconds, fastest_interleaved  # noqa: E402
 from repjax.nn.activations import gelu  # noqa: E402
 from repjax.nn.dwconv import depthwise_conv  # noqa: E402
+from repjax.nn.dwconv.shift import kernel_grad  # noqa: E402
 from repjax.nn.im2col import patches_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -112,24 +114,29 @@ def layernorm_forms(repeats: int) -> dict:
 
 
 def dw_kernel_grad(repeats: int) -> dict:
-    """`shift`'s own kernel gradient (one reduction per tap over N, H, W; `repjax.nn.dwconv.shift`) against the
-    same sums as matrix-vector products with ones, and `shift`'s forward for scale."""
+    """`shift`'s kernel gradient (one reduction per tap over N, H, W; `repjax.nn.dwconv.shift.kernel_grad`) in one
+    pass over the batch and in its default cache-sized chunks, against the same sums as matrix-vector products
+    with ones, and `shift`'s forward for scale; timed in interleaved rounds."""
     n, h, c, k = 8, 56, 96, 3
     x, dy = normal((n, h, h, c), 0), normal((n, h, h, c), 1)
     w = normal((k, k, 1, c), 2, 0.1)
-    # x and dy are arguments: closed over, they would be constants and XLA would fold the whole gradient
-    shift_kgrad = jax.jit(jax.grad(lambda b, a, g: jnp.vdot(depthwise_conv(a, b, "shift"), g)))
     ones = jnp.ones((n * h * h,), jnp.float32)
 
     def gemv_form(a, b):
         ap = jnp.pad(a, ((0, 0), (k // 2,) * 2, (k // 2,) * 2, (0, 0)))
         taps = [ap[:, u:u + h, v:v + h, :] * b for u in range(k) for v in range(k)]
-        return jnp.stack([ones @ t.reshape(-1, c) for t in taps]).reshape(k, k, 1, c)
+        return jnp.stack([ones @ t.reshape(-1, c) for t in taps]).reshape(k, k, c)
 
-    np.testing.assert_allclose(gemv_form(x, dy), shift_kgrad(w, x, dy), rtol=1e-3, atol=1e-2)  # the same sums
-    out = {"shape": [n, h, h, c], "kernel": k, "shift_kernel_grad_ms": timed(shift_kgrad, w, x, dy, repeats=repeats),
-           "gemv_ms": timed(jax.jit(gemv_form), x, dy, repeats=repeats),
-           "shift_forward_ms": timed(jax.jit(lambda a, b: depthwise_conv(a, b, "shift")), x, w, repeats=repeats)}
+    # x and dy are arguments: closed over, they would be constants and XLA would fold the whole gradient
+    forms = {"one_pass": jax.jit(lambda a, b: kernel_grad(a, b, k, k, chunk_bytes=a.nbytes)),
+             "chunked": jax.jit(lambda a, b: kernel_grad(a, b, k, k)), "gemv": jax.jit(gemv_form)}
+    ref = forms["one_pass"](x, dy)
+    for f in forms.values():
+        np.testing.assert_allclose(f(x, dy), ref, rtol=1e-3, atol=1e-2)  # the same sums
+    calls = {f"{name}_ms": functools.partial(f, x, dy) for name, f in forms.items()}
+    calls["shift_forward_ms"] = functools.partial(jax.jit(lambda a, b: depthwise_conv(a, b, "shift")), x, w)
+    out = {"shape": [n, h, h, c], "kernel": k, "chunk_images": 1,
+           **{name: 1e3 * s for name, s in fastest_interleaved(calls, repeats).items()}}
     print(out, flush=True)
     return out
 

@@ -43,15 +43,28 @@ def images_per_second(fn: Callable[[], Any], n: int, images: int) -> float:
     return n * images / (time.perf_counter() - start)
 
 
+WARMUP_CALLS = 3  # a fresh XLA:CPU executable ran up to 3x slower on its first few calls (8x56x56x96 dwconv)
+
+
 def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
-    """Fastest of `repeats` blocking calls `fn(*args)` after one warm-up call (compile): the project's one
-    single-op timer, for probes where the minimum is the figure (interleave rounds for model throughput)."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
+    """Fastest of `repeats` blocking calls `fn(*args)` after WARMUP_CALLS warm-up calls (the first compiles): the
+    project's one single-op timer, for probes where the minimum is the figure (interleave rounds for model
+    throughput)."""
+    return fastest_interleaved({"fn": functools.partial(fn, *args)}, repeats)["fn"]
+
+
+def fastest_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Fastest blocking call of each zero-argument callable, in seconds: every one is warmed up (WARMUP_CALLS
+    calls), then they take turns, `repeats` rounds, so that a slow stretch of the machine hits all alike."""
+    for call in calls.values():
+        for _ in range(WARMUP_CALLS):
+            jax.block_until_ready(call())
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

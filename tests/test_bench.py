@@ -156,4 +156,13 @@ def test_best_seconds_warms_up_and_keeps_the_fastest_call(monkeypatch):
     calls, clock = [], iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # bursts of 3, 1 and 2 seconds
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.best_seconds(lambda x: calls.append(x) or x, 7, repeats=3) == 1.0
-    assert calls == [7] * 4  # one warm-up call, then the timed ones
+    assert calls == [7] * (bench.WARMUP_CALLS + 3)  # the untimed warm-up calls, then the timed ones
+
+
+def test_fastest_interleaved_takes_turns(monkeypatch):
+    order = []
+    clock = iter([0.0, 5.0, 5.0, 6.0, 6.0, 8.0, 8.0, 12.0])  # a: 5 then 2 s; b: 1 then 4 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    best = bench.fastest_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=2)
+    assert best == {"a": 2.0, "b": 1.0}
+    assert order == ["a"] * bench.WARMUP_CALLS + ["b"] * bench.WARMUP_CALLS + ["a", "b", "a", "b"]

@@ -102,6 +102,19 @@ def test_cropped_taps_get_exactly_zero_gradient(method):
     assert np.all(dk[mask] == 0.0)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 5 * 6 * 3 * 4, 1 << 30], ids=["one-image", "two-images", "whole"])
+def test_shift_kernel_grad_in_batch_chunks(chunk_bytes, monkeypatch):
+    """'shift' sums its kernel gradient over batch chunks of at most KGRAD_CHUNK_BYTES: one image, two of six, or
+    the whole batch give XLA's gradient."""
+    from repjax.nn.dwconv import shift as shift_module
+
+    monkeypatch.setattr(shift_module, "KGRAD_CHUNK_BYTES", chunk_bytes)
+    x, kern = _data(6, 5, 6, 3, 3, 5)
+    _, (dx, dk) = _vjp(lambda a, b: depthwise_conv(a, b, "shift"), x, kern)
+    _, (dx0, dk0) = _vjp(lambda a, b: depthwise_conv(a, b, "native"), x, kern)
+    _close(dx, dx0, GRAD_RTOL), _close(dk, dk0, GRAD_RTOL)
+
+
 def test_expand_piecewise_is_eq1_loop():
     sizes = (3, 2, 1, 2, 3)
     theta = _normal((5, 5, 1, 2), 0)
@@ -164,6 +177,9 @@ def test_choose():
     assert choose((8, 56, 56, 128), (51, 51, 1, 128), "cpu") == "fft"
     assert choose((8, 56, 56, 96), (7, 7, 1, 96), "cpu") == "fft"
     assert choose((8, 56, 56, 96), (1, 1, 1, 96), "cpu") == "shift"
+    assert choose((8, 56, 56, 96), (3, 3, 1, 96), "cpu") == "shift"
+    assert choose((32, 8, 8, 96), (3, 3, 1, 96), "cpu") == "shift"  # also below CPU_MATMUL_MAX_PIXELS
+    assert choose((8, 56, 56, 96), (5, 5, 1, 96), "cpu") == "fft"
     assert choose((8, 1, 1, 96), (51, 51, 1, 96), "cpu") == "shift"  # cropped to 1x1
     assert choose((8, 7, 7, 374), (13, 13, 1, 374), "cpu") == "matmul"  # small map: one hw x hw matrix
     assert choose((8, 14, 14, 187), (47, 47, 1, 187), "cpu") == "fft"

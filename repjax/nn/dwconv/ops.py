@@ -36,10 +36,11 @@ def boxsum_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 # CPU thresholds, from experiments/bench_dwconv.py (results in experiments/results/bench_dwconv/results.json):
-# on 2 cores, fwd+bwd, 'fft' beat 'shift' and XLA's grouped conv already at K=3 on 56x56 maps and by >10x from K=7
-# (shift's forward is fast but its per-tap kernel-gradient reductions are slow in XLA:CPU), and it beat 'boxsum'
-# at every PeLK grid (boxsum's per-cell theta-gradient reductions dominate). 1x1 kernels are a plain multiply.
-CPU_SHIFT_MAX_K = 1
+# on 2 cores, fwd+bwd, 'shift' (kernel gradient in cache-sized batch chunks) beat 'fft' at K=3 on every map from
+# 4x4 to 56x56, and 'fft' beat it from K=5 (its k^2 tap reductions grow faster than FFT's fixed cost) and XLA's
+# grouped conv by >10x from K=7; 'fft' also beat 'boxsum' at every PeLK grid (boxsum's per-cell theta-gradient
+# reductions dominate).
+CPU_SHIFT_MAX_K = 3
 # Maps of at most this many pixels use 'matmul' (one hw x hw matrix per channel) for K > 1: on PeLK-T's last stage
 # (7x7 maps, K=13) it took 2.7 ms against fft's 4.3 ms fwd+bwd; at 14x14 (196 px) fft was 3x faster again.
 CPU_MATMUL_MAX_PIXELS = 64
