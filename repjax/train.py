@@ -26,11 +26,12 @@ from repjax import checkpoint, config as config_lib, data, evals, losses, shardi
 from repjax.build import build, example_shape, load_init
 from repjax.data import pipeline
 from repjax.evals import classification, cost
-from repjax.metrics import MetricWriter, ProgressBar
+from repjax.metrics import METRICS_FILE, MetricWriter, ProgressBar, read_metrics
 from repjax.nn import conv
 from repjax.step import TrainState, make_eval_step, make_train_step
 
 EXIT_FINISHED, EXIT_ERROR, EXIT_PREEMPTED, EXIT_STOPPED = 0, 2, 3, 4
+ELAPSED = "train/elapsed_seconds"  # in every log row: wall time of training so far, summed over resumed parts
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -137,6 +138,7 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     writer.rewind(lambda r: r.get("step", 0) < start or (r.get("step", 0) == start and (
         start < config.total_steps or any(str(k).startswith("train/") for k in r))),
         purge_from=start + 1 if start else None)
+    earlier_seconds = _elapsed_before(workdir, start)
 
     # ---------------------------------------------------------------- Loop
     batches = pipeline.train_batches(
@@ -166,7 +168,10 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
                     window.append(_checked(*pending, last_saved))
                     pending = None
                     mean = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
-                    writer.write(step, {f"train/{k}": v for k, v in mean.items()})
+                    row = {f"train/{k}": v for k, v in mean.items()}
+                    if earlier_seconds is not None:
+                        row[ELAPSED] = earlier_seconds + time.perf_counter() - started
+                    writer.write(step, row)
                     bar.update(step, mean)
                     window = []
                 if is_save and ckpt.save(step, state, force=True):  # before evaluating: an eval error keeps it
@@ -184,9 +189,13 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     seconds = time.perf_counter() - started
 
     # ---------------------------------------------------------------- Final evaluation
+    # train_seconds: the whole run's, over every resumed part (unknown when an earlier part's log row is gone);
+    # train_img_s: over the whole run, or over this part alone when the earlier time is unknown
+    total = None if earlier_seconds is None else earlier_seconds + seconds
+    done, took = (step, total) if total is not None else (step - start, seconds)
     result: dict[str, Any] = {"step": step, "status": status, "params": cost.param_count(state.params),
-                              "train_seconds": seconds,
-                              "train_img_s": (step - start) * config.batch_size / max(seconds, 1e-9)}
+                              "train_seconds": total,
+                              "train_img_s": done * config.batch_size / took if done and took > 0 else None}
     if step >= config.total_steps:
         result.update(_evaluate(config, model, state, mesh, "test"))
         for name, spec in config.evals.items():
@@ -196,6 +205,16 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
             result.update({f"{name}/{k}": v for k, v in metrics.items()})
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, int | float)})
     return result
+
+
+def _elapsed_before(workdir: pathlib.Path, start: int) -> float | None:
+    """Training seconds of the earlier parts of a resumed run: the ELAPSED entry of the log row at `start`
+    (a checkpoint step always has one); 0 for a fresh run, None when that row is missing (an older run)."""
+    if start == 0:
+        return 0.0
+    path = pathlib.Path(workdir) / METRICS_FILE
+    rows = [r for r in read_metrics(path) if r.get("step") == start and ELAPSED in r] if path.exists() else []
+    return float(rows[-1][ELAPSED]) if rows else None
 
 
 def _checked(step: int, metrics: dict[str, jax.Array], last_saved: int | None) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """End-to-end training on the real (tiny) digits data: resume equality, preemption, NaN stop."""
 
+import itertools
 import os
 import signal
 import threading
@@ -66,6 +67,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     # Metrics of the resumed run continue where the first part stopped.
     steps = [r["step"] for r in read_metrics(tmp_path / "split") if "train/loss" in r]
     assert steps == [2, 4, 5, 6, 8, 10, 12]
+    # Training time adds up over the parts: the log's elapsed time grows across the resume (step 5 ends the
+    # first part), and each result's train_seconds covers its part up to its end.
+    elapsed = [r[train_lib.ELAPSED] for r in read_metrics(tmp_path / "split") if "train/loss" in r]
+    assert all(a < b for a, b in itertools.pairwise(elapsed))
+    assert elapsed[2] <= part["train_seconds"]
+    assert resumed["train_seconds"] >= elapsed[-1]
+    assert resumed["train_img_s"] == pytest.approx(12 * config.batch_size / resumed["train_seconds"])
+    # Evaluating the finished run again keeps its training time (it trains no step).
+    again = train_lib.train(config, tmp_path / "split")
+    assert again["train_seconds"] == pytest.approx(elapsed[-1], rel=0.05) and again["test/top1"] == full["test/top1"]
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
