@@ -57,14 +57,14 @@ def evaluate(config=None, *, workdir: str | None = None, step: int | None = None
     built = build(config, source.num_classes, image_shape, mesh)
     model, state_sharding = built.model, built.state_sharding
     check_eval(config, model, built.abstract_state, source, source.num_classes)
-    state = jax.jit(built.make_state, out_shardings=state_sharding)()
-    if workdir is not None:
+    if workdir is not None:  # restored into the abstract state: no initialisation is built or run
         with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
             restored = ckpt.restore(built.abstract_state, step)
         if restored is None:
             raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints (or none intact)")
         step, state, _ = restored
     elif config.init.get("path"):
+        state = jax.jit(built.make_state, out_shardings=state_sharding)()
         state, step = load_init(config, state, state_sharding), 0
     else:
         raise ValueError("Nothing to evaluate: give --workdir or --config.init.path")

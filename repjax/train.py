@@ -106,9 +106,17 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     built = build(config, num_classes, image_shape, mesh)
     model, tx, schedule, state_sharding = built.model, built.tx, built.schedule, built.state_sharding
     check_eval(config, model, built.abstract_state, eval_source, num_classes)
-    state = jax.jit(built.make_state, out_shardings=state_sharding)()
-    if config.init.get("path"):
-        state = load_init(config, state, state_sharding)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
+                                   save_every_steps=config.checkpoint_every_steps)
+    closing.enter_context(ckpt)
+
+    def fresh_state() -> TrainState:
+        state = jax.jit(built.make_state, out_shardings=state_sharding)()
+        return load_init(config, state, state_sharding) if config.init.get("path") else state
+
+    # A run that has checkpoints restores one below (a fresh state is made only if none is intact); a new run
+    # loads its init weights before its config is recorded, so that a bad init path leaves no record.
+    state = fresh_state() if ckpt.latest_step() is None else None
     note = workdir_lib.record_config(workdir, config, allow_change=allow_config_change)  # all checks passed
     if note and jax.process_index() == 0:
         print(note, flush=True)
@@ -125,14 +133,13 @@ def _train(config, workdir: pathlib.Path, stop_after: int | None, allow_config_c
     )
 
     # ---------------------------------------------------------------- Restore
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
-                                   save_every_steps=config.checkpoint_every_steps)
-    closing.enter_context(ckpt)
     restored = ckpt.restore(built.abstract_state, set_aside=True)
     start = 0
     if restored is not None:
         start, state, _ = restored
         print(f"Resumed from step {start} in {workdir}", flush=True)
+    elif state is None:  # every checkpoint was damaged (and set aside): start over
+        state = fresh_state()
     # Rows of steps this run repeats go (and the final rows of a finished run that is evaluated again).
     # TensorBoard hides the earlier files' events from the first repeated step on.
     writer.rewind(lambda r: r.get("step", 0) < start or (r.get("step", 0) == start and (

@@ -112,3 +112,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert step == bad_step - 1
     assert f"last good checkpoint is step {step}" in str(err.value)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_init_weights_load_once_and_resume_builds_no_fresh_state(tmp_path, monkeypatch):
+    """A new run loads `init.path` before recording its config; a resumed run restores its checkpoint straight
+    into the abstract state: no initialisation is built, and the init weights are not read again."""
+    calls = {"make_state": 0, "load_init": 0}
+    real_build = train_lib.build
+
+    def counting_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        make = built.make_state
+
+        def make_state():
+            calls["make_state"] += 1
+            return make()
+
+        return built._replace(make_state=make_state)  # Built is a NamedTuple
+
+    def fake_load_init(config, state, state_sharding):
+        calls["load_init"] += 1
+        return state
+
+    monkeypatch.setattr(train_lib, "build", counting_build)
+    monkeypatch.setattr(train_lib, "load_init", fake_load_init)
+    config = _config(total_steps=4, **{"init.path": "weights.npz"})
+    assert train_lib.train(config, tmp_path / "run", stop_after=2)["status"] == "stopped"
+    assert calls == {"make_state": 1, "load_init": 1}
+    assert train_lib.train(config, tmp_path / "run")["step"] == 4
+    assert calls == {"make_state": 1, "load_init": 1}
