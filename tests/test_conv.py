@@ -87,10 +87,16 @@ def test_batch_norm_matches_flax(train):
         y, stats = module.apply({**variables, "params": params}, a, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(y)), (y, stats)
 
+    def close(a, b):
+        """max |a - b| <= 1e-5 * max |b| per array: the gradients are sums over the 288 positions of a channel
+        (up to 254 in size), so an elementwise atol would be tight for them and loose for the outputs. Measured
+        float32 error: at most 2e-6 * max |b| (the train-mode scale gradient)."""
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
     (_, got), got_grad = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(ours, variables["params"], x)
     (_, want), want_grad = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(theirs, variables["params"], x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (got, got_grad),
-                 (want, want_grad))
+    jax.tree.map(close, (got, got_grad), (want, want_grad))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 5), (4, 3, 5, 6)])
