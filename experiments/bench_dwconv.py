@@ -50,6 +50,8 @@ def shapes(quick: bool) -> list[dict]:
              dict(name="issue 56x56x128 K51", n=8, h=56, c=128, k=51, grid=None),
              dict(name="ConvNeXt-T s1 56x56x96 K7", n=8, h=56, c=96, k=7, grid=None)]
     rows += [dict(name=f"sweep 56x56x96 K{k}", n=8, h=56, c=96, k=k, grid=None) for k in (1, 3, 5)]
+    rows += [dict(name="RepMLPNet-64 local 8x8x4 K3 (batch 768)", n=768, h=8, c=4, k=3, grid=None),
+             dict(name="SLaK-64 s4 2x2x499 K3 (batch 32)", n=32, h=2, c=499, k=3, grid=None)]
     return rows
 
 

@@ -48,20 +48,30 @@ WARMUP_CALLS = 3  # a fresh XLA:CPU executable ran up to 3x slower on its first 
 
 def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
     """Fastest of `repeats` blocking calls `fn(*args)` after WARMUP_CALLS warm-up calls (the first compiles): the
-    project's one single-op timer, for probes where the minimum is the figure (interleave rounds for model
-    throughput)."""
-    return fastest_interleaved({"fn": functools.partial(fn, *args)}, repeats)["fn"]
+    project's single-op timer, for probes where the minimum is the figure (`fastest_interleaved` compares
+    several forms side by side; `interleaved` is for model throughput)."""
+    for _ in range(WARMUP_CALLS):
+        jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def fastest_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Fastest blocking call of each zero-argument callable, in seconds: every one is warmed up (WARMUP_CALLS
-    calls), then they take turns, `repeats` rounds, so that a slow stretch of the machine hits all alike."""
+    calls), then they take turns, `repeats` rounds, so that a slow stretch of the machine hits all alike. A turn
+    is an untimed call and a timed one: the first takes back the caches and memory pages that the previous
+    runner used (after a 1 s large-kernel 'boxsum' call, an FFT call timed cold ran 2x its steady time)."""
     for call in calls.values():
         for _ in range(WARMUP_CALLS):
             jax.block_until_ready(call())
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
         for name, call in calls.items():
+            jax.block_until_ready(call())
             start = time.perf_counter()
             jax.block_until_ready(call())
             best[name] = min(best[name], time.perf_counter() - start)

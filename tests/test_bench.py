@@ -165,4 +165,5 @@ def test_fastest_interleaved_takes_turns(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     best = bench.fastest_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=2)
     assert best == {"a": 2.0, "b": 1.0}
-    assert order == ["a"] * bench.WARMUP_CALLS + ["b"] * bench.WARMUP_CALLS + ["a", "b", "a", "b"]
+    # warm-up calls, then per round and runner an untimed call and a timed one
+    assert order == ["a"] * bench.WARMUP_CALLS + ["b"] * bench.WARMUP_CALLS + ["a", "a", "b", "b"] * 2

@@ -178,7 +178,9 @@ def test_choose():
     assert choose((8, 56, 56, 96), (7, 7, 1, 96), "cpu") == "fft"
     assert choose((8, 56, 56, 96), (1, 1, 1, 96), "cpu") == "shift"
     assert choose((8, 56, 56, 96), (3, 3, 1, 96), "cpu") == "shift"
-    assert choose((32, 8, 8, 96), (3, 3, 1, 96), "cpu") == "shift"  # also below CPU_MATMUL_MAX_PIXELS
+    assert choose((32, 8, 8, 96), (3, 3, 1, 96), "cpu") == "shift"  # a small map with many channels
+    assert choose((768, 8, 8, 4), (3, 3, 1, 4), "cpu") == "matmul"  # a small map with few channels
+    assert choose((768, 8, 8, 4), (1, 1, 1, 4), "cpu") == "shift"  # 1x1: a multiply
     assert choose((8, 56, 56, 96), (5, 5, 1, 96), "cpu") == "fft"
     assert choose((8, 1, 1, 96), (51, 51, 1, 96), "cpu") == "shift"  # cropped to 1x1
     assert choose((8, 7, 7, 374), (13, 13, 1, 374), "cpu") == "matmul"  # small map: one hw x hw matrix

@@ -37,13 +37,15 @@ def boxsum_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 # CPU thresholds, from experiments/bench_dwconv.py (results in experiments/results/bench_dwconv/results.json):
 # on 2 cores, fwd+bwd, 'shift' (kernel gradient in cache-sized batch chunks) beat 'fft' at K=3 on every map from
-# 4x4 to 56x56, and 'fft' beat it from K=5 (its k^2 tap reductions grow faster than FFT's fixed cost) and XLA's
+# 2x2 to 56x56, and 'fft' beat it from K=5 (its k^2 tap reductions grow faster than FFT's fixed cost) and XLA's
 # grouped conv by >10x from K=7; 'fft' also beat 'boxsum' at every PeLK grid (boxsum's per-cell theta-gradient
-# reductions dominate).
+# reductions dominate). 1x1 kernels are a plain multiply ('shift').
 CPU_SHIFT_MAX_K = 3
 # Maps of at most this many pixels use 'matmul' (one hw x hw matrix per channel) for K > 1: on PeLK-T's last stage
-# (7x7 maps, K=13) it took 2.7 ms against fft's 4.3 ms fwd+bwd; at 14x14 (196 px) fft was 3x faster again.
+# (7x7 maps, K=13) it beat fft; at 14x14 (196 px) fft was faster again. At K=3 on such maps 'shift' wins only with
+# enough channels to fill its vectors (SLaK's 2x2x499), not on RepMLPNet's 8x8x4 local branches.
 CPU_MATMUL_MAX_PIXELS = 64
+CPU_SHIFT_MIN_CHANNELS_SMALL_MAP = 64
 # GPU/TPU: NOT measured here (no accelerator available). Assumed: the vendor grouped conv is good for small
 # kernels and FFT wins for large ones; re-measure with the benchmark and adjust.
 ACCEL_NATIVE_MAX_K = 13
@@ -72,9 +74,10 @@ def choose(x_shape: Sequence[int], kernel_shape: Sequence[int], backend: str | N
     backend = backend or jax.default_backend()
     k = max(cropped_size(kernel_shape[0], x_shape[1]), cropped_size(kernel_shape[1], x_shape[2]))
     if backend == "cpu":
-        if k <= CPU_SHIFT_MAX_K:
+        small_map = x_shape[1] * x_shape[2] <= CPU_MATMUL_MAX_PIXELS
+        if k == 1 or (k <= CPU_SHIFT_MAX_K and not (small_map and x_shape[3] < CPU_SHIFT_MIN_CHANNELS_SMALL_MAP)):
             return "shift"
-        return "matmul" if x_shape[1] * x_shape[2] <= CPU_MATMUL_MAX_PIXELS else "fft"
+        return "matmul" if small_map else "fft"
     return "native" if k <= ACCEL_NATIVE_MAX_K else "fft"
 
 
