@@ -10,7 +10,7 @@
   the README).
 - dw_kernel_grad: `shift`'s K=3 depthwise kernel gradient (a reduction per tap over N, H, W) in one pass over the
   batch, in cache-sized chunks (what `shift` does), and as matrix-vector products with ones (a dead end).
-Times are the minimum over `repeats` calls after warm-up calls (ms); dw_kernel_grad's forms take turns.
+Times are the minimum over `repeats` calls after warm-up calls (ms); within a probe the forms take turns.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jax import lax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repjax.bench import best_seconds, fastest_interleaved  # noqa: E402
+from repjax.bench import fastest_interleaved  # noqa: E402
 from repjax.nn.activations import gelu  # noqa: E402
 from repjax.nn.dwconv import depthwise_conv  # noqa: E402
 from repjax.nn.dwconv.shift import kernel_grad  # noqa: E402
@@ -41,8 +41,9 @@ DN = ("NHWC", "HWIO", "NHWC")
 PAD = ((1, 1), (1, 1))
 
 
-def timed(fn: Callable, *args, repeats: int) -> float:
-    return 1e3 * best_seconds(fn, *args, repeats=repeats)
+def side_by_side(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """ms of each zero-argument call, the forms of one probe taking turns (`repjax.bench.fastest_interleaved`)."""
+    return {name: 1e3 * s for name, s in fastest_interleaved(calls, repeats).items()}
 
 
 def normal(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> jax.Array:
@@ -57,11 +58,13 @@ def small_maps(repeats: int) -> list[dict]:
         row = {"input": [n, s, s, cin], "kernel": [3, 3, cin, cout], "stride": stride}
         strides = (stride, stride)
         xla = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=PAD, dimension_numbers=DN)
+        calls = {}
         for name, conv in (("xla", xla), ("patches", functools.partial(patches_conv, strides=strides, padding=PAD))):
             loss = functools.partial(lambda a, b, f: jnp.sum(f(a, b) ** 2), f=conv)
-            row[f"{name}_fwd_ms"] = timed(jax.jit(conv), x, w, repeats=repeats)
-            row[f"{name}_dx_ms"] = timed(jax.jit(jax.grad(loss, 0)), x, w, repeats=repeats)
-            row[f"{name}_dw_ms"] = timed(jax.jit(jax.grad(loss, 1)), x, w, repeats=repeats)
+            calls[f"{name}_fwd_ms"] = functools.partial(jax.jit(conv), x, w)
+            calls[f"{name}_dx_ms"] = functools.partial(jax.jit(jax.grad(loss, 0)), x, w)
+            calls[f"{name}_dw_ms"] = functools.partial(jax.jit(jax.grad(loss, 1)), x, w)
+        row.update(side_by_side(calls, repeats))
         oh = -(-s // stride)
         row["xla_fwd_gflops"] = 2 * n * oh * oh * 9 * cin * cout / row["xla_fwd_ms"] / 1e6
         out.append(row)
@@ -69,16 +72,21 @@ def small_maps(repeats: int) -> list[dict]:
     return out
 
 
-def fwd_bwd(fn: Callable, x: jax.Array, repeats: int) -> dict[str, float]:
+def fwd_bwd_forms(forms: dict[str, Callable], x: jax.Array, repeats: int) -> dict[str, dict[str, float]]:
+    """{form: {fwd_ms, fwd_bwd_ms}}, every form's forward and forward+backward timed side by side."""
     g = normal(x.shape, 9)
-    return {"fwd_ms": timed(jax.jit(fn), x, repeats=repeats),
-            "fwd_bwd_ms": timed(jax.jit(jax.grad(lambda a: jnp.vdot(fn(a), g))), x, repeats=repeats)}
+    calls = {}
+    for name, fn in forms.items():
+        calls[(name, "fwd_ms")] = functools.partial(jax.jit(fn), x)
+        calls[(name, "fwd_bwd_ms")] = functools.partial(jax.jit(jax.grad(lambda a, f=fn: jnp.vdot(f(a), g))), x)
+    times = side_by_side(calls, repeats)
+    return {name: {kind: times[(name, kind)] for kind in ("fwd_ms", "fwd_bwd_ms")} for name in forms}
 
 
 def gelu_forms(repeats: int) -> dict:
     x = normal((32, 16, 16, 192), 0, 2.0)
-    out = {"shape": list(x.shape), "erfc_jax_nn": fwd_bwd(lambda a: jax.nn.gelu(a, approximate=False), x, repeats),
-           "erf_repjax": fwd_bwd(gelu, x, repeats)}
+    out = {"shape": list(x.shape), **fwd_bwd_forms(
+        {"erfc_jax_nn": lambda a: jax.nn.gelu(a, approximate=False), "erf_repjax": gelu}, x, repeats)}
     print(out, flush=True)
     return out
 
@@ -107,8 +115,8 @@ def layernorm_forms(repeats: int) -> dict:
     ln = nn.LayerNorm(1e-6)
     v = ln.init(jax.random.key(0), x)
     scale, bias = v["params"]["scale"], v["params"]["bias"]
-    out = {"shape": list(x.shape), "flax": fwd_bwd(lambda a: ln.apply(v, a), x, repeats),
-           "custom_vjp": fwd_bwd(lambda a: _normalize(a) * scale + bias, x, repeats)}
+    out = {"shape": list(x.shape), **fwd_bwd_forms(
+        {"flax": lambda a: ln.apply(v, a), "custom_vjp": lambda a: _normalize(a) * scale + bias}, x, repeats)}
     print(out, flush=True)
     return out
 
@@ -135,8 +143,7 @@ def dw_kernel_grad(repeats: int) -> dict:
         np.testing.assert_allclose(f(x, dy), ref, rtol=1e-3, atol=1e-2)  # the same sums
     calls = {f"{name}_ms": functools.partial(f, x, dy) for name, f in forms.items()}
     calls["shift_forward_ms"] = functools.partial(jax.jit(lambda a, b: depthwise_conv(a, b, "shift")), x, w)
-    out = {"shape": [n, h, h, c], "kernel": k, "chunk_images": 1,
-           **{name: 1e3 * s for name, s in fastest_interleaved(calls, repeats).items()}}
+    out = {"shape": [n, h, h, c], "kernel": k, "chunk_images": 1, **side_by_side(calls, repeats)}
     print(out, flush=True)
     return out
 
