@@ -104,7 +104,8 @@ def rows(quick: bool) -> list[Row]:
                Row("slak_imagenette (64 px)", "slak_imagenette", {}, 64, 32, "adamw"),
                Row("pelk_imagenette (64 px)", "pelk_imagenette", {}, 64, 32, "adamw")]
     # the ViT row: `vit_imagenette`, the 12-block ViT-Ti/8 backbone of the Dyn-Adapter experiments
-    out.append(Row("vit (small variant)", "vit_imagenette", {}, 32 if quick else 64, 2 if quick else 32, "adamw"))
+    out.append(Row("vit (small variant)", "vit_imagenette", {"image_size": 32} if quick else {}, 32 if quick else 64,
+                   2 if quick else 32, "adamw"))
     return out
 
 

@@ -64,6 +64,35 @@ def test_bench_models_quick_writes_rows(tmp_path, monkeypatch):
     assert len(table) == 3 and table[2].startswith("| repopt_vgg tiny-arch target (pair) (4) |")
 
 
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_every_bench_row_has_a_matching_torch_reference(quick, monkeypatch):
+    """Each row of experiments/bench_models.py builds its repjax model and PyTorch reference with the same
+    parameter count, and both map the row's input size to logits (what bench_models checks only after compiling,
+    one row at a time; the GPU script runs every row)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    torch = pytest.importorskip("torch")
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_models.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", module)
+    spec.loader.exec_module(module)
+    import torch_models
+
+    for row in module.rows(quick):
+        model = models.create(row.model, **row.kwargs)
+        x = jnp.zeros((1, row.size, row.size, 3))
+        shapes = jax.eval_shape(lambda m=model, a=x: m.init(jax.random.PRNGKey(0), a, train=False))
+        net = torch_models.build(model)
+        assert torch_models.param_count(net) == sum(a.size for a in jax.tree.leaves(shapes["params"])), row.label
+        if quick:  # a forward of the reference at the row's size (the full rows are too slow for the suite)
+            with torch.no_grad():
+                assert net.eval()(torch.zeros(1, 3, row.size, row.size)).shape == (1, model.num_classes), row.label
+
+
 def test_torch_vit_reference_matches_the_parameter_count():
     """experiments/torch_models.ViT (PyTorch's TransformerEncoderLayer) has the repjax ViT's parameter count,
     which bench_models requires of every row, and the logits shape; a PETL host or GAP pooling is refused."""
