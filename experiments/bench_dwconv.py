@@ -1,6 +1,6 @@
 """Forward+backward speed of depthwise convolution: repjax algorithms vs XLA's grouped conv vs PyTorch (CPU).
 
-    python experiments/bench_dwconv.py            # PeLK stage shapes, ~4 min on 2 shared cores
+    python experiments/bench_dwconv.py            # PeLK stage shapes and small-kernel rows, ~2 min on 2 shared cores
     python experiments/bench_dwconv.py --quick    # tiny shapes, seconds
 
 Every runner computes y = conv(x, k) and the gradients of <y, g> w.r.t. x and the kernel (theta for the piecewise
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         results += rows
         print("\n".join(table(rows).splitlines()[1:]), flush=True)
     report = {"backend": jax.default_backend(), "threads": THREADS, "quick": args.quick,
-              "torch_device": args.torch_device,
+              "torch_device": args.torch_device, "repeats": args.repeats,
               "command": "python experiments/bench_dwconv.py" + (" --quick" if args.quick else ""),
               "units": "ms per fwd+bwd of the full batch (best of repeats)", "seconds": time.time() - t0,
               "results": results}
