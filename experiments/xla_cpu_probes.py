@@ -6,8 +6,8 @@
   convolution against `repjax.nn.im2col.patches_conv` (forward, input gradient, kernel gradient);
   larger maps for contrast. Why `repjax.nn.conv.Conv` routes those maps to patches.
 - gelu: `jax.nn.gelu(approximate=False)` (erfc form) against `repjax.nn.activations.gelu` (erf form).
-- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm (faster alone; not adopted, see
-  the README).
+- layernorm: `flax.linen.LayerNorm` against a closed-form custom-VJP LayerNorm, alone and (layernorm_in_step)
+  in ConvNeXt's whole training step, where it decides (not adopted: see the README).
 - dw_kernel_grad: `shift`'s K=3 depthwise kernel gradient (a reduction per tap over N, H, W) in one pass over the
   batch, in cache-sized chunks (what `shift` does), and as matrix-vector products with ones (a dead end).
 Times are the minimum over `repeats` calls after warm-up calls (ms); within a probe the forms take turns.
@@ -31,7 +31,8 @@ from jax import lax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repjax.bench import fastest_interleaved  # noqa: E402
+from repjax import config as config_lib, models  # noqa: E402
+from repjax.bench import fastest_interleaved, interleaved, train_runner  # noqa: E402
 from repjax.nn.activations import gelu  # noqa: E402
 from repjax.nn.dwconv import depthwise_conv  # noqa: E402
 from repjax.nn.dwconv.shift import kernel_grad  # noqa: E402
@@ -115,8 +116,35 @@ def layernorm_forms(repeats: int) -> dict:
     ln = nn.LayerNorm(1e-6)
     v = ln.init(jax.random.key(0), x)
     scale, bias = v["params"]["scale"], v["params"]["bias"]
-    out = {"shape": list(x.shape), **fwd_bwd_forms(
-        {"flax": lambda a: ln.apply(v, a), "custom_vjp": lambda a: _normalize(a) * scale + bias}, x, repeats)}
+    forms = {"flax": lambda a: ln.apply(v, a), "custom_vjp": lambda a: _normalize(a) * scale + bias}
+    np.testing.assert_allclose(forms["custom_vjp"](x), forms["flax"](x), atol=1e-5)  # the same function
+    out = {"shape": list(x.shape), **fwd_bwd_forms(forms, x, repeats)}
+    print(out, flush=True)
+    return out
+
+
+def _closed_form_layernorm(next_fun, args, kwargs, context):
+    """Flax method interceptor: every applied `nn.LayerNorm` (eps 1e-6, last axis) as `_normalize` * scale + bias."""
+    module = context.module
+    if not isinstance(module, nn.LayerNorm) or context.method_name != "__call__" or module.is_initializing():
+        return next_fun(*args, **kwargs)
+    assert module.epsilon == 1e-6 and module.reduction_axes == -1, "the probe's closed form has eps 1e-6"
+    x, params = args[0], module.variables["params"]
+    return (_normalize(x.astype(jnp.float32)) * params["scale"] + params["bias"]).astype(x.dtype)
+
+
+def layernorm_in_step(rounds: int) -> dict:
+    """ConvNeXt's training step (`convnext_imagenette`, batch 32, 64 px, AdamW; the bench_models row) with Flax's
+    LayerNorm and with every LayerNorm replaced by the closed form above (traced under a Flax method
+    interceptor): img/s, medians of interleaved rounds (`repjax.bench.interleaved`)."""
+    model = models.create("convnext_imagenette", num_classes=10)
+    cfg = config_lib.defaults().optim
+    cfg.name, cfg.lr, cfg.weight_decay, cfg.schedule = "adamw", 1e-3, 0.05, "constant"
+    kw = dict(batch=32, image_shape=(64, 64, 3), iters=5)
+    runners = {"flax_img_s": train_runner(model, cfg, **kw)[0]}
+    with nn.intercept_methods(_closed_form_layernorm):  # the runner compiles (traces) its step here
+        runners["closed_form_img_s"] = train_runner(model, cfg, **kw)[0]
+    out = {"model": "convnext_imagenette", "batch": 32, "size": 64, **interleaved(runners, rounds)}
     print(out, flush=True)
     return out
 
@@ -151,12 +179,14 @@ def dw_kernel_grad(repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of layernorm_in_step")
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "experiments/results/xla_cpu_probes.json")
     args = ap.parse_args(argv)
     report = {"command": "python experiments/xla_cpu_probes.py " + " ".join(argv or sys.argv[1:]),
               "jax_version": jax.__version__, "backend": jax.default_backend(),
               "small_maps": small_maps(args.repeats), "gelu": gelu_forms(args.repeats),
-              "layernorm": layernorm_forms(args.repeats), "dw_kernel_grad": dw_kernel_grad(args.repeats)}
+              "layernorm": layernorm_forms(args.repeats), "layernorm_in_step": layernorm_in_step(args.rounds),
+              "dw_kernel_grad": dw_kernel_grad(args.repeats)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return report

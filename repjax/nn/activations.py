@@ -1,7 +1,7 @@
 """Exact GELU written as PyTorch writes it: gelu(x) = x/2 * (1 + erf(x / sqrt(2))) (Hendrycks & Gimpel 2016).
 
 `jax.nn.gelu(approximate=False)` computes the same function as x/2 * erfc(-x / sqrt(2)), which XLA:CPU expands
-into an exponential and a rational approximation per element: 2.5x the time of the erf form forward, 1.4x for
+into an exponential and a rational approximation per element: 2.3x the time of the erf form forward, 1.3x for
 the gradient (`python experiments/xla_cpu_probes.py`, 32x16x16x192); the erfc fusions were 12% of ConvNeXt's
 training step (`python experiments/profile_step.py convnext_imagenette --batch 32 --size 64`).
 The erf form loses relative accuracy only where gelu(x) is below 1e-7 in absolute value (x < -5.5, where

@@ -10,7 +10,7 @@ its own transpose, unchanged.
 The chunked gradient is used by default on the CPU backend only; `config.conv_chunked_wgrad = "off"` (or
 `chunked=False`) uses the plain XLA convolution everywhere, `"on"` forces it on (`set_chunked_default`).
 A dense convolution whose input or output map is smaller than its kernel is one matrix product over patches
-instead (`repjax.nn.im2col`: XLA:CPU runs those, or their input gradient, 7-61x slower than that product).
+instead (`repjax.nn.im2col`: XLA:CPU runs those, or their input gradient, 6-52x slower than that product).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 XLA:CPU runs a dense convolution whose input map is smaller than its kernel (a 3x3 convolution on the 2x2 or
 1x1 maps that the last stages of a CIFAR-size RepVGG / ResNet reach) far below its speed on larger maps, and
 likewise the input gradient of one whose output map is smaller than its kernel (`python
-experiments/xla_cpu_probes.py`: 64x2x2x256 -> 256 in 45 ms forward, 7 GFLOP/s, against 0.9 ms as patches; the
-input gradient of RepVGG-A0's strided 4x4 -> 2x2 last block at 64 px in 66 ms against 3.0 ms; on 3x3 maps the
-patch form is still 1.2x faster, on 8x8 maps XLA's convolution is the faster one; the rule stays at "smaller
-than the kernel", where the gap is 7-61x). The 2x2-map convolutions of stage 3 took about 90% of RepVGG-B0's
+experiments/xla_cpu_probes.py`: 64x2x2x256 -> 256 in 45 ms forward, 7 GFLOP/s, against 1.1 ms as patches; the
+input gradient of RepVGG-A0's strided 4x4 -> 2x2 last block at 64 px in 63 ms against 3.2 ms; on 3x3 maps the
+patch form is still up to 1.3x faster, on 8x8 maps XLA's convolution is the faster one; the rule stays at "smaller
+than the kernel", where the gap is 6-52x). The 2x2-map convolutions of stage 3 took about 90% of RepVGG-B0's
 training step at 32 px before this path (`python experiments/profile_step.py repvgg_b0 --batch 64 --size 32`).
 Written as patches times the reshaped kernel,
 

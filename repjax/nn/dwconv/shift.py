@@ -16,7 +16,7 @@ from repjax.nn.dwconv._common import compute_dtype, crop_kernel
 
 UNROLL_TAPS = 81  # above this many taps, loop over kernel rows (compile time grows with unrolled taps)
 # Bytes of x per kernel-gradient chunk: the per-core L2 (1 MiB) of the CPU measured, where chunks of one image
-# (8x56x56x96, 1.15 MiB each) made the K=3 kernel gradient 4.3x faster than one pass over the batch
+# (8x56x56x96, 1.15 MiB each) made the K=3 kernel gradient 2.3x faster than one pass over the batch
 # (`python experiments/xla_cpu_probes.py`, 'dw_kernel_grad'); batches that fit whole run in one pass.
 KGRAD_CHUNK_BYTES = 1 << 20
 
