@@ -67,8 +67,8 @@ def test_bench_models_quick_writes_rows(tmp_path, monkeypatch):
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
 def test_every_bench_row_has_a_matching_torch_reference(quick, monkeypatch):
     """Each row of experiments/bench_models.py builds its repjax model and PyTorch reference with the same
-    parameter count, and both map the row's input size to logits (what bench_models checks only after compiling,
-    one row at a time; the GPU script runs every row)."""
+    parameter count, and each quick row's reference maps the row's input size to logits (bench_models finds
+    either only after compiling the rows before it; the GPU script runs every row)."""
     import importlib.util
     import pathlib
     import sys
