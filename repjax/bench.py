@@ -43,7 +43,7 @@ def images_per_second(fn: Callable[[], Any], n: int, images: int) -> float:
     return n * images / (time.perf_counter() - start)
 
 
-WARMUP_CALLS = 3  # a fresh XLA:CPU executable ran up to 3x slower on its first few calls (8x56x56x96 dwconv)
+WARMUP_CALLS = 3  # a fresh XLA:CPU executable runs its first few calls slower, not only the compiling one
 
 
 def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
@@ -64,7 +64,8 @@ def fastest_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> di
     """Fastest blocking call of each zero-argument callable, in seconds: every one is warmed up (WARMUP_CALLS
     calls), then they take turns, `repeats` rounds, so that a slow stretch of the machine hits all alike. A turn
     is an untimed call and a timed one: the first takes back the caches and memory pages that the previous
-    runner used (after a 1 s large-kernel 'boxsum' call, an FFT call timed cold ran 2x its steady time)."""
+    runner used (timed right after its 1.2 s 'boxsum' call, bench_dwconv's PeLK-101 piecewise FFT row took 217.6
+    ms against 104.7 for its dense row; re-warmed, 112.2 against 111.9: results.json at f0f4f82 and 4d67edf)."""
     for call in calls.values():
         for _ in range(WARMUP_CALLS):
             jax.block_until_ready(call())

@@ -110,6 +110,9 @@ def test_shift_kernel_grad_in_batch_chunks(chunk_bytes, monkeypatch):
 
     monkeypatch.setattr(shift_module, "KGRAD_CHUNK_BYTES", chunk_bytes)
     x, kern = _data(6, 5, 6, 3, 3, 5)
+    dk_jaxpr = str(jax.make_jaxpr(lambda a, g: shift_module.kernel_grad(a, g, 3, 5))(x, x))
+    looped = "scan" in dk_jaxpr or "while" in dk_jaxpr  # fori_loop: a scan when its trip count is static
+    assert looped == (chunk_bytes < x.nbytes)  # the chunked cases loop over chunks
     _, (dx, dk) = _vjp(lambda a, b: depthwise_conv(a, b, "shift"), x, kern)
     _, (dx0, dk0) = _vjp(lambda a, b: depthwise_conv(a, b, "native"), x, kern)
     _close(dx, dx0, GRAD_RTOL), _close(dk, dk0, GRAD_RTOL)
